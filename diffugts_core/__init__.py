@@ -12,11 +12,11 @@ from .manifests import list_manifests, load_dataset, load_manifest, load_organ_m
 from .metrics import detection_auroc, dice, evaluate_folders, evaluate_pair, summarize, surface_dice
 from .phantoms import CATEGORIES, CT_CATEGORIES, ORGAN_LABELS, PhantomCase, generate_case, generate_cohort
 from .preprocess import CT_WINDOWS, SpatialConfig, SpatialPlan, normalize_mri, plan_spatial, window_ct
-from .viz import case_grid, montage, save_figure
+from .viz import SliceViewer, case_grid, montage, save_figure
 
 __all__ = [
     "CATEGORIES", "CT_CATEGORIES", "CT_WINDOWS", "CaseRecord", "InputError", "ORGAN_LABELS", "PhantomCase",
-    "SpatialConfig", "SpatialPlan", "Volume", "case_grid", "detection_auroc", "dice", "evaluate_folders",
+    "SliceViewer", "SpatialConfig", "SpatialPlan", "Volume", "case_grid", "detection_auroc", "dice", "evaluate_folders",
     "evaluate_pair", "generate_case", "generate_cohort", "list_manifests", "load_dataset", "load_image_and_label",
     "load_manifest", "load_organ_mask", "load_tumor_mask", "load_volume", "montage", "normalize_mri",
     "plan_spatial", "save_figure", "save_volume", "summarize", "surface_dice", "window_ct",

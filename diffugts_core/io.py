@@ -218,9 +218,16 @@ class atomic_path:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
+            os.chmod(self.tmp, _new_file_mode())  # mkstemp makes 0600; outputs get the usual umask mode
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
+
+
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -26,9 +26,28 @@ _ORGAN_COLOURS = {
 ORGAN_CMAP = ListedColormap(["#00000000"] + [_ORGAN_COLOURS.get(i, "#7f7f7f") for i in range(1, 23)])
 
 
+VIEW_AXES = {"axial": 2, "coronal": 1, "sagittal": 0}
+
+
+def view_slice(volume: np.ndarray, view: str, k: int) -> np.ndarray:
+    """Slice ``k`` of a RAS array along ``view``, oriented for display.
+
+    Axial and coronal: patient right on the image's left (radiological); axial: anterior at the top;
+    coronal and sagittal: superior at the top; sagittal: anterior on the left.
+    """
+    plane = np.take(np.asarray(volume), k, axis=VIEW_AXES[view])
+    return plane.T[::-1, ::-1]
+
+
 def axial(volume: np.ndarray, k: int) -> np.ndarray:
     """Axial slice ``k`` of a RAS array, oriented for display (radiological convention)."""
-    return np.asarray(volume)[:, :, k].T[::-1, ::-1]
+    return view_slice(volume, "axial", k)
+
+
+def view_aspect(spacing, view: str) -> float:
+    """imshow aspect (row spacing / column spacing) so that millimetres look square."""
+    in_plane = [a for a in range(3) if a != VIEW_AXES[view]]
+    return float(spacing[in_plane[1]] / spacing[in_plane[0]])
 
 
 def display_image(volume: np.ndarray, modality: str = "CT", window: str = "soft_tissue") -> np.ndarray:
@@ -68,7 +87,8 @@ def montage(image: np.ndarray, *, modality: str = "CT", window: str = "soft_tiss
     if organs is not None:
         rows.append(("organs", organs))
     rows += list((maps or {}).items())
-    fig, axes = plt.subplots(len(rows), len(slices), figsize=(2.2 * len(slices), 2.3 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(slices), figsize=(2.2 * len(slices), 2.3 * len(rows)), squeeze=False,
+                             layout="constrained")
     for r, (name, layer) in enumerate(rows):
         for c, k in enumerate(slices):
             ax = axes[r, c]
@@ -87,7 +107,6 @@ def montage(image: np.ndarray, *, modality: str = "CT", window: str = "soft_tiss
                 ax.set_ylabel(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -96,7 +115,7 @@ def case_grid(cases, *, alpha: float = 0.4, title: str | None = None) -> plt.Fig
 
     ``cases``: objects with ``case_id``, ``modality``, ``image``, ``organs``, ``tumor`` (PhantomCase).
     """
-    fig, axes = plt.subplots(len(cases), 3, figsize=(7.5, 2.5 * len(cases)), squeeze=False)
+    fig, axes = plt.subplots(len(cases), 3, figsize=(7.5, 2.5 * len(cases)), squeeze=False, layout="constrained")
     for r, case in enumerate(cases):
         k = tumor_centre_slice(case.tumor)
         window = "lung" if getattr(case, "region", "") == "thorax" else "soft_tissue"
@@ -116,7 +135,6 @@ def case_grid(cases, *, alpha: float = 0.4, title: str | None = None) -> plt.Fig
                 ax.set_ylabel(f"{case.case_id}\n{case.modality}, z={k}", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -127,3 +145,97 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
         fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return path
+
+
+class SliceViewer:
+    """Explore a volume and its layers: slice slider, view, window preset, opacity, layer toggles.
+
+    ``layers`` maps a name to an array on the image grid: integer label maps named in
+    ``label_layers`` are drawn with the organ colours, binary masks named in ``contour_layers`` as
+    contours, anything else as a float heat map. ``figure()`` draws the current settings as a
+    static matplotlib figure (what papermill and nbconvert keep); ``widget()`` returns the
+    ipywidgets 8 controls with a live figure, for JupyterLab.
+    """
+
+    def __init__(self, image: np.ndarray, *, modality: str = "CT", spacing=(1.0, 1.0, 1.0),
+                 layers: dict[str, np.ndarray] | None = None, label_layers=("organs",),
+                 contour_layers=("tumor", "mask", "ground truth"), window: str = "soft_tissue"):
+        self.image = np.asarray(image)
+        self.modality = modality.upper()
+        self.spacing = tuple(float(s) for s in spacing)
+        self.layers = dict(layers or {})
+        for name, layer in self.layers.items():
+            if np.shape(layer) != self.image.shape:
+                raise ValueError(f"layer {name!r} has shape {np.shape(layer)}, the image {self.image.shape}")
+        self.label_layers = set(label_layers)
+        self.contour_layers = set(contour_layers)
+        self.view = "axial"
+        focus = next((self.layers[n] for n in self.layers if n in self.contour_layers), None)
+        self.index = tumor_centre_slice(focus) if focus is not None else self.image.shape[2] // 2
+        self.window = window
+        self.alpha = 0.4
+        self.visible = set(self.layers)
+
+    def figure(self, *, size: float = 4.0) -> plt.Figure:
+        """The current slice with the visible layers, as a static figure."""
+        fig, ax = plt.subplots(figsize=(size, size))
+        self._draw(ax)
+        fig.tight_layout()
+        return fig
+
+    def _draw(self, ax) -> None:
+        view, k = self.view, self.index
+        aspect = view_aspect(self.spacing, view)
+        grey = display_image(view_slice(self.image, view, k), self.modality, self.window)
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=1, aspect=aspect)
+        for name in [n for n in self.layers if n in self.visible]:
+            plane = view_slice(self.layers[name], view, k)
+            if name in self.label_layers:
+                ax.imshow(plane, cmap=ORGAN_CMAP, vmin=0, vmax=22, alpha=self.alpha, interpolation="nearest",
+                          aspect=aspect)
+            elif name in self.contour_layers:
+                if np.any(plane):
+                    ax.contour(plane, levels=[0.5], colors="red", linewidths=1.0)
+            else:
+                ax.imshow(np.ma.masked_less_equal(plane, 0), cmap="magma", alpha=self.alpha, aspect=aspect)
+        ax.set_title(f"{view} {k} / {self.image.shape[VIEW_AXES[view]] - 1}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    def widget(self):
+        """ipywidgets 8 controls around a live figure (needs a widget front end such as JupyterLab)."""
+        import ipywidgets as widgets
+        from IPython.display import display
+
+        depth = self.image.shape[VIEW_AXES[self.view]] - 1
+        view = widgets.ToggleButtons(options=list(VIEW_AXES), value=self.view, description="view")
+        index = widgets.IntSlider(value=self.index, min=0, max=depth, description="slice", continuous_update=False)
+        windows = list(CT_WINDOWS) if self.modality == "CT" else ["percentiles"]
+        window = widgets.Dropdown(options=windows, value=self.window if self.modality == "CT" else windows[0],
+                                  description="window", disabled=self.modality != "CT")
+        alpha = widgets.FloatSlider(value=self.alpha, min=0.0, max=1.0, step=0.05, description="opacity")
+        toggles = {name: widgets.Checkbox(value=True, description=name, indent=False) for name in self.layers}
+        output = widgets.Output()
+
+        def redraw(_=None):
+            self.view, self.index, self.alpha = view.value, index.value, alpha.value
+            if self.modality == "CT":
+                self.window = window.value
+            self.visible = {name for name, box in toggles.items() if box.value}
+            with output:
+                output.clear_output(wait=True)
+                fig = self.figure()
+                display(fig)
+                plt.close(fig)
+
+        def change_view(change):
+            index.max = self.image.shape[VIEW_AXES[change["new"]]] - 1
+            index.value = min(index.value, index.max) if change["new"] == "axial" else index.max // 2
+            redraw()
+
+        view.observe(change_view, names="value")
+        for control in (index, window, alpha, *toggles.values()):
+            control.observe(redraw, names="value")
+        redraw()
+        controls = widgets.VBox([view, index, window, alpha, widgets.HBox(list(toggles.values()))])
+        return widgets.HBox([output, controls])

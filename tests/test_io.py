@@ -1,6 +1,8 @@
 """Bad input gets a one-line error naming the file and the problem; outputs are atomic; inputs are safe."""
 
 import gzip
+import os
+import stat
 
 import nibabel as nib
 import numpy as np
@@ -133,3 +135,12 @@ def test_gzip_output_is_deterministic(tmp_path):
     a = save_volume(data, np.eye(4), tmp_path / "a.nii.gz").read_bytes()
     b = save_volume(data, np.eye(4), tmp_path / "b.nii.gz").read_bytes()
     assert a == b and gzip.decompress(a)
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_volume(np.zeros((2, 2, 2)), np.eye(4), tmp_path / "m.nii.gz")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's private 0600
+    finally:
+        os.umask(umask)

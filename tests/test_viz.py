@@ -1,0 +1,86 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from diffugts_core import viz
+
+
+def _marked_volume():
+    """A RAS volume with one bright voxel at patient right (high x), anterior (high y), superior (high z)."""
+    volume = np.zeros((10, 12, 8))
+    volume[8, 10, 6] = 1
+    return volume
+
+
+def test_axial_slice_is_radiological():
+    plane = viz.view_slice(_marked_volume(), "axial", 6)
+    row, col = np.argwhere(plane == 1)[0]
+    assert plane.shape == (12, 10)
+    assert col < plane.shape[1] / 2  # patient right on the image's left
+    assert row < plane.shape[0] / 2  # anterior at the top
+
+
+def test_coronal_and_sagittal_put_superior_at_the_top():
+    volume = _marked_volume()
+    coronal = viz.view_slice(volume, "coronal", 10)
+    sagittal = viz.view_slice(volume, "sagittal", 8)
+    assert np.argwhere(coronal == 1)[0][0] < coronal.shape[0] / 2
+    assert np.argwhere(coronal == 1)[0][1] < coronal.shape[1] / 2  # right on the left, as in axial
+    assert np.argwhere(sagittal == 1)[0][0] < sagittal.shape[0] / 2
+    assert np.argwhere(sagittal == 1)[0][1] < sagittal.shape[1] / 2  # anterior on the left
+
+
+def test_view_aspect_keeps_millimetres_square():
+    assert viz.view_aspect((2.5, 2.5, 4.0), "axial") == 1.0
+    assert viz.view_aspect((2.5, 2.5, 4.0), "coronal") == pytest.approx(4.0 / 2.5)
+
+
+def test_pick_slices_follow_the_focus_mask():
+    focus = np.zeros((4, 4, 40), bool)
+    focus[..., 20:26] = True
+    slices = viz.pick_slices(40, 4, focus)
+    assert min(slices) == 20 and max(slices) == 25
+    assert viz.tumor_centre_slice(focus) in range(20, 26)
+
+
+def test_montage_rows_and_png_written_atomically(tmp_path):
+    image = np.random.default_rng(0).normal(40, 20, (32, 32, 16))
+    organs = np.zeros(image.shape, np.uint8)
+    organs[8:24, 8:24, 4:12] = 4
+    tumor = np.zeros(image.shape, np.uint8)
+    tumor[12:18, 12:18, 6:10] = 1
+    fig = viz.montage(image, organs=organs, tumor=tumor, maps={"score": tumor * 0.8}, n_slices=4)
+    assert len(fig.axes) == 3 * 4  # image, organs, score rows; one column per tumor slice
+    path = viz.save_figure(fig, tmp_path / "m.png")
+    assert mpimg.imread(path).shape[2] in (3, 4)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.png"]  # no temp file left behind
+
+
+def test_slice_viewer_widget_drives_the_figure():
+    ipywidgets = pytest.importorskip("ipywidgets")
+    image = np.zeros((32, 32, 16))
+    tumor = np.zeros(image.shape, np.uint8)
+    tumor[10:14, 10:14, 11] = 1
+    viewer = viz.SliceViewer(image, layers={"tumor": tumor, "score": tumor * 0.5}, spacing=(2.5, 2.5, 4.0))
+    assert viewer.index == 11  # opens on the tumor
+    box = viewer.widget()
+    controls = box.children[1].children
+    slider = next(c for c in controls if isinstance(c, ipywidgets.IntSlider))
+    view = next(c for c in controls if isinstance(c, ipywidgets.ToggleButtons))
+    slider.value = 3
+    assert viewer.index == 3
+    view.value = "sagittal"
+    assert viewer.view == "sagittal" and slider.max == 31
+    toggles = [c for c in controls[-1].children if isinstance(c, ipywidgets.Checkbox)]
+    toggles[1].value = False
+    assert viewer.visible == {"tumor"}
+    assert "sagittal" in viewer.figure().axes[0].get_title()
+
+
+def test_slice_viewer_rejects_a_layer_on_another_grid():
+    with pytest.raises(ValueError, match="layer 'tumor' has shape"):
+        viz.SliceViewer(np.zeros((8, 8, 8)), layers={"tumor": np.zeros((8, 8, 4))})
