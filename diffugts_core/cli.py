@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .io import InputError, write_text_atomic
 
@@ -78,6 +80,55 @@ def build_parser() -> argparse.ArgumentParser:
     manifests.add_argument("name", nargs="?", help="manifest name, e.g. msd_task03_liver")
     manifests.add_argument("--root", type=Path, help="dataset folder to read through the manifest")
     manifests.set_defaults(run=_run_manifests)
+    train = sub.add_parser("train-foundation", help="train the phantom foundation model (VAE + text-conditioned UNet)",
+                           description="Train the embedded default foundation model on healthy PhantomBench slices "
+                           "only (CT abdomen, CT thorax, MRI brain) and save it in diffusers format with a model card. "
+                           "Checkpoints every 200 steps; --resume continues from them.")
+    train.add_argument("--out", type=Path, required=True, help="model folder to write")
+    train.add_argument("--steps", type=int, default=2000, help="UNet steps (default 2000)")
+    train.add_argument("--vae-steps", type=int, default=800, help="VAE steps (default 800)")
+    train.add_argument("--volumes-per-region", type=int, default=12, help="healthy volumes per region (default 12)")
+    train.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    train.add_argument("--data-seed", type=int, default=1000, help="PhantomBench seed of the training data")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    train.add_argument("--register", metavar="NAME", help="also record every file's sha256 in models/registry.yaml")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train.set_defaults(run=_run_train_foundation)
+    check = sub.add_parser("check-foundation", help="measure the foundation model on held-out healthy phantoms",
+                           description="VAE reconstruction (HU MAE, PSNR), healthy inpainting vs a mean fill, the "
+                           "pseudo-healthy test (a -40 HU tumor inpainted back toward its organ; ratio must be <= "
+                           "0.25) and per-stage times. Exit code 1 when the pseudo-healthy test fails.")
+    check.add_argument("--model", default="default", help="model folder or hub id (default: the shipped model)")
+    check.add_argument("--seed", type=int, default=7, help="PhantomBench seed of the held-out cases (default 7)")
+    check.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    check.add_argument("--samples", type=int, default=2, help="inpainting samples averaged (default 2)")
+    check.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1)")
+    check.add_argument("--json", type=Path, help="also write the report as JSON")
+    check.set_defaults(run=_run_check_foundation)
+    heads = sub.add_parser("train-heads", help="train AOVA adapters, W_q, W_k and the region head for a setting",
+                           description="Train the small heads on the seen categories of a zero-shot setting (held-out "
+                           "categories never reach the training data), pick thresholds on a validation split of seen "
+                           "categories, save safetensors + heads.json.")
+    heads.add_argument("--setting", required=True, help="loo-<category>, seen-unseen or ct-mri")
+    heads.add_argument("--out", type=Path, required=True, help="folder to write")
+    heads.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
+    heads.add_argument("--per-category", type=int, default=4, help="training cases per seen category (default 4)")
+    heads.add_argument("--model", default="default", help="foundation model (default: the shipped one)")
+    heads.add_argument("--no-progress", action="store_true")
+    heads.set_defaults(run=_run_train_heads)
+
+    aova = sub.add_parser("evaluate-aova", help="AOVA-only DSC, NSD, detection AUROC per unseen category",
+                          description="For each setting: train the heads on its seen categories, then report on its "
+                          "unseen categories (test split, another seed) DSC, NSD, detection AUROC and the ratio of "
+                          "mean S inside the tumor to the surrounding healthy organ.")
+    aova.add_argument("--settings", default="all", help="comma-separated settings, or all (default)")
+    aova.add_argument("--steps", type=int, default=500)
+    aova.add_argument("--per-category", type=int, default=4, help="training cases per seen category (default 4)")
+    aova.add_argument("--test-per-category", type=int, default=2, help="test cases per unseen category (default 2)")
+    aova.add_argument("--model", default="default")
+    aova.add_argument("--json", type=Path, help="also write the rows as JSON")
+    aova.add_argument("--no-progress", action="store_true")
+    aova.set_defaults(run=_run_evaluate_aova)
     return parser
 
 
@@ -157,6 +208,89 @@ def _run_evaluate(args) -> int:
     print(text)
     if args.json:
         write_text_atomic(args.json, text + "\n")
+    return 0
+
+
+def _run_train_foundation(args) -> int:
+    from .backbone.registry import record_model
+    from .backbone.training import FoundationTrainingConfig, train_foundation
+
+    if min(args.steps, args.vae_steps, args.volumes_per_region) < 1:
+        raise InputError("--steps, --vae-steps and --volumes-per-region must be at least 1")
+    config = FoundationTrainingConfig(unet_steps=args.steps, vae_steps=args.vae_steps, seed=args.seed,
+                                      data_seed=args.data_seed, volumes_per_region=args.volumes_per_region)
+    command = f"diffugts train-foundation --out {args.out} --steps {args.steps} --vae-steps {args.vae_steps} " \
+        f"--volumes-per-region {args.volumes_per_region} --seed {args.seed} --data-seed {args.data_seed}" \
+        + (" --resume" if args.resume else "")
+    start = time.perf_counter()
+    folder = train_foundation(args.out, config, resume=args.resume, progress=not args.no_progress, command=command)
+    print(f"wrote {folder} in {(time.perf_counter() - start) / 60:.1f} min")
+    if args.register:
+        history = json.loads((folder / "checkpoints" / "state.json").read_text())["commands"]
+        entry = record_model(args.register, folder, command=" && ".join(history), licence="Apache-2.0",
+                             description="phantom foundation model: AutoencoderKL + text-conditioned UNet, healthy "
+                             "PhantomBench only")
+        print(f"registered {args.register}: {len(entry['files'])} files, {entry['size_mb']} MB")
+    return 0
+
+
+def _run_check_foundation(args) -> int:
+    from .backbone import load_backbone
+    from .backbone.quality import check_foundation, format_report
+    from .inpaint import InpaintConfig
+    from .text import TextEncoder
+
+    backbone = load_backbone(args.model)
+    text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
+    config = InpaintConfig(steps=args.steps, samples=args.samples, guidance_scale=args.guidance)
+    report = check_foundation(backbone, text_encoder, seed=args.seed, config=config)
+    print(format_report(report))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    return 0 if report["pass"] else 1
+
+
+def _run_train_heads(args) -> int:
+    from .backbone import load_backbone
+    from .heads import HeadsConfig, setting_categories, train_heads
+    from .text import TextEncoder
+
+    seen, unseen = setting_categories(args.setting)
+    backbone = load_backbone(args.model)
+    text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
+    config = HeadsConfig(setting=args.setting, steps=args.steps, train_per_category=args.per_category)
+    start = time.perf_counter()
+    heads = train_heads(backbone, text_encoder, config, progress=not args.no_progress)
+    heads.save(args.out)
+    print(f"setting {args.setting}: seen {', '.join(seen)}; unseen {', '.join(unseen)}")
+    print(f"thresholds: {heads.thresholds}")
+    print(f"wrote {args.out} in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+def _run_evaluate_aova(args) -> int:
+    from .backbone import load_backbone
+    from .heads import SETTINGS, HeadsConfig, evaluate_heads, train_heads
+    from .text import TextEncoder
+
+    settings = SETTINGS if args.settings == "all" else tuple(s.strip() for s in args.settings.split(","))
+    backbone = load_backbone(args.model)
+    text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
+    rows = []
+    print(f"{'setting':20s} {'unseen':15s} {'cases':>5s} {'DSC':>6s} {'NSD':>6s} {'AUROC':>6s} {'S in/out':>8s}")
+    for setting in settings:
+        config = HeadsConfig(setting=setting, steps=args.steps, train_per_category=args.per_category,
+                             test_per_category=args.test_per_category)
+        heads = train_heads(backbone, text_encoder, config, progress=not args.no_progress)
+        for row in evaluate_heads(heads, backbone, text_encoder, config):
+            row["thresholds"] = heads.thresholds.provenance
+            rows.append(row)
+            print(f"{setting:20s} {row['category']:15s} {row['cases']:5d} {row['dsc']:6.3f} {row['nsd']:6.3f} "
+                  f"{row['auroc']:6.3f} {row['s_in_out_ratio']:8.2f}", flush=True)
+    for key in ("dsc", "nsd", "auroc"):
+        print(f"mean {key}: {np.nanmean([r[key] for r in rows]):.3f}")
+    if args.json:
+        write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
 
 

@@ -54,3 +54,15 @@ def test_01_data_and_phantoms(tmp_path):
     assert half < 1.0 and one_and_half == pytest.approx(1.0)
     for suffix in ("image", "mask_back"):
         assert (tmp_path / f"case_lps_{suffix}.nii.gz").exists()
+
+
+@pytest.mark.notebook
+def test_02_foundation_model(tmp_path):
+    _execute(ROOT / "notebooks" / "02_foundation_model.ipynb", tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    means = summary["pseudo_healthy_mean_hu"]
+    assert means["input"] == pytest.approx(means["true healthy"] - 40, abs=0.01)
+    assert summary["pseudo_healthy_ratio"] <= 0.25  # the shipped model restores the liver
+    assert summary["vae_mae_liver_hu"] < 25
+    assert summary["word_map_in_out"]["liver"] > 1.0  # the word "liver" attends to the liver more than elsewhere
+    assert (Path(summary["trained_demo"]) / "unet" / "diffusion_pytorch_model.safetensors").is_file()

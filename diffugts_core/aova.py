@@ -1,0 +1,159 @@
+"""AOVA: anomaly-aware open-vocabulary attention maps (DiffuGTS stages 2-3).
+
+The frozen encoder's three stage features F_l pass through small adapters,
+F'_l = a * T_l(F_l) + (1 - a) * F_l (T_l: two 1x1 convolutions, a = 0.1). Per stage, image queries
+Q_l = F'_l W_q attend to prompt keys K_l = E W_k (E: pooled text embeddings of the prompts), with a
+softmax over prompts: A_l = softmax(cos(Q_l, K_l) / tau). (Cosine instead of the paper's dot product
+over sqrt(d): the same ranking, and a temperature that means the same at every stage.) The stage
+maps are upsampled to the image grid and averaged: M. The anomaly map S is the sum of the abnormal
+prompts' channels.
+
+Prompts compete: every organ's normal prompt, the abnormal prompts in play, and a background
+prompt share one softmax. An organ or tumor phrase never seen in training is simply encoded at run
+time (open vocabulary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import phantoms
+from .text import TextEncoder, check_prompt, ensemble_embedding, load_templates
+
+BACKGROUND = "background"
+# organ keys of the prompts -> PhantomBench organ labels that make up the organ
+ORGAN_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
+    "CT": {"liver": ("liver", "hepatic_vessels"), "spleen": ("spleen",), "kidney": ("kidney_right", "kidney_left"),
+           "pancreas": ("pancreas",), "lung": ("lung_right", "lung_left"), "colon": ("colon",)},
+    "MRI": {"brain": ("csf", "gray_matter", "white_matter")},
+}
+CATEGORY_ORGAN = {"liver": "liver", "hepatic_vessel": "liver", "kidney": "kidney", "pancreas": "pancreas",
+                  "lung": "lung", "colon": "colon", "brain": "brain"}
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts that compete in one softmax, named "background", "<organ>:normal", "<organ>:abnormal"."""
+
+    modality: str
+    names: tuple[str, ...]
+    texts: tuple[tuple[str, ...], ...]  # the templates behind each name (ensembled)
+    embeddings: torch.Tensor  # (P, D) unit vectors
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    @property
+    def abnormal(self) -> list[int]:
+        return [i for i, n in enumerate(self.names) if n.endswith(":abnormal")]
+
+    def organ_channels(self, organ: str) -> list[int]:
+        return [i for i, n in enumerate(self.names) if n.split(":")[0] == organ]
+
+
+def build_prompt_set(text_encoder: TextEncoder, modality: str, abnormal_organs=(), *,
+                     extra_abnormal: dict[str, str] | None = None) -> PromptSet:
+    """Background + every organ's normal prompt + the abnormal prompts of ``abnormal_organs``.
+
+    ``extra_abnormal`` adds free-text prompts at run time, e.g. {"spleen": "a CT scan of a spleen with a lesion"}.
+    """
+    templates = load_templates(modality)
+    names, texts = [BACKGROUND], [templates.background]
+    for organ in ORGAN_KEYS[templates.modality]:
+        names.append(f"{organ}:normal")
+        texts.append(tuple(templates.prompts(organ, "normal")))
+    for organ in abnormal_organs:
+        names.append(f"{organ}:abnormal")
+        texts.append(tuple(templates.prompts(organ, "abnormal")))
+    for organ, text in (extra_abnormal or {}).items():
+        name = f"{organ}:abnormal"
+        if name in names:
+            texts[names.index(name)] = (check_prompt(text),)
+        else:
+            names.append(name)
+            texts.append((check_prompt(text),))
+    embeddings = torch.stack([ensemble_embedding(text_encoder, t) for t in texts])
+    return PromptSet(templates.modality, tuple(names), tuple(texts), embeddings)
+
+
+class FeatureAdapter(nn.Module):
+    """F' = a * T(F) + (1 - a) * F, T = 1x1 conv -> GELU -> 1x1 conv."""
+
+    def __init__(self, channels: int, alpha: float = 0.1):
+        super().__init__()
+        self.alpha = alpha
+        self.transform = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.GELU(), nn.Conv2d(channels, channels, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.alpha * self.transform(features) + (1 - self.alpha) * features
+
+
+@dataclass
+class AOVAOutput:
+    maps: torch.Tensor  # (N, P, H, W) mean over stages of the per-stage softmax, on the image grid
+    stage_maps: list[torch.Tensor]  # (N, P, h_l, w_l) per stage
+    adapted: list[torch.Tensor]  # F'_l
+
+
+class AOVAHead(nn.Module):
+    """Adapters, per-stage W_q and W_k: the trainable part of AOVA (a few hundred k parameters)."""
+
+    def __init__(self, stage_channels=(32, 64, 64), text_dim: int = 384, dim: int = 64, alpha: float = 0.1,
+                 tau: float = 0.07):
+        super().__init__()
+        self.stage_channels = tuple(stage_channels)
+        self.text_dim, self.dim, self.tau = text_dim, dim, tau
+        self.adapters = nn.ModuleList(FeatureAdapter(c, alpha) for c in stage_channels)
+        self.queries = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in stage_channels)
+        self.keys = nn.ModuleList(nn.Linear(text_dim, dim) for _ in stage_channels)
+
+    def forward(self, features: list[torch.Tensor], prompts: torch.Tensor, size: tuple[int, int]) -> AOVAOutput:
+        adapted = [adapter(f.float()) for adapter, f in zip(self.adapters, features)]
+        stage_maps = []
+        for feature, query, key in zip(adapted, self.queries, self.keys):
+            q = F.normalize(query(feature), dim=1)
+            k = F.normalize(key(prompts.to(q.device)), dim=-1)
+            stage_maps.append(torch.softmax(torch.einsum("nchw,pc->nphw", q, k) / self.tau, dim=1))
+        maps = torch.stack([F.interpolate(a, size=size, mode="bilinear", align_corners=False) for a in stage_maps])
+        return AOVAOutput(maps.mean(0), stage_maps, adapted)
+
+
+def anomaly_map(output: AOVAOutput, prompt_set: PromptSet) -> torch.Tensor:
+    """S: (N, H, W), the probability mass on the abnormal prompts."""
+    return output.maps[:, prompt_set.abnormal].sum(1)
+
+
+def organ_map(output: AOVAOutput, prompt_set: PromptSet, organ: str) -> torch.Tensor:
+    """(N, H, W): the mass on the organ's normal and abnormal prompts (where the organ is)."""
+    return output.maps[:, prompt_set.organ_channels(organ)].sum(1)
+
+
+def prompt_targets(organs: np.ndarray, tumor: np.ndarray, category: str | None, prompt_set: PromptSet) -> np.ndarray:
+    """Per-voxel index of the prompt that should win: background, the organ's normal prompt, or the
+    abnormal prompt of the tumor's organ (only if that prompt is in the set: an unseen category's
+    abnormal prompt is never a training target)."""
+    target = np.full(organs.shape, prompt_set.index(BACKGROUND), np.int64)
+    for organ, labels in ORGAN_KEYS[prompt_set.modality].items():
+        target[np.isin(organs, [phantoms.ORGAN_LABELS[name] for name in labels])] = prompt_set.index(f"{organ}:normal")
+    if category is not None and np.any(tumor):
+        name = f"{CATEGORY_ORGAN[category]}:abnormal"
+        if name not in prompt_set.names:
+            raise ValueError(f"{category} tumors have no prompt {name!r} in this set: is the category held out?")
+        target[tumor.astype(bool)] = prompt_set.index(name)
+    return target
+
+
+def aova_loss(output: AOVAOutput, target: torch.Tensor, tumor: torch.Tensor, prompt_set: PromptSet) -> dict:
+    """Cross-entropy over prompts, plus Dice + BCE of S against the tumor mask."""
+    log_maps = torch.log(output.maps.clamp_min(1e-6))
+    ce = F.nll_loss(log_maps, target)
+    s = anomaly_map(output, prompt_set).clamp(1e-6, 1 - 1e-6)
+    bce = F.binary_cross_entropy(s, tumor)
+    intersection = (s * tumor).sum()
+    dice = 1 - (2 * intersection + 1) / (s.sum() + tumor.sum() + 1)
+    return {"ce": ce, "bce": bce, "dice": dice, "total": ce + bce + dice}

@@ -1,0 +1,368 @@
+"""The small trained parts (AOVA adapters, W_q, W_k, region head) for one zero-shot setting.
+
+A setting decides which tumor categories may be seen (DESIGN section 5, ``manifests.category_role``):
+``loo-<category>`` (leave one CT category out), ``seen-unseen`` ({liver, kidney, pancreas} seen,
+{lung, colon, hepatic_vessel} unseen), ``ct-mri`` (all CT categories seen, MRI brain unseen). Cases of
+a category held out in the setting are never generated for its training or validation data, and the
+abnormal prompt of its organ is not among the training prompts. Thresholds come from a validation
+split of the seen categories (another PhantomBench seed), never from test cases. Healthy cases
+are part of training so the maps learn what normal looks like.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import phantoms
+from .aova import CATEGORY_ORGAN, AOVAHead, anomaly_map, aova_loss, build_prompt_set, organ_map, prompt_targets
+from .detect import Detection, DetectionThresholds, Region, RegionHead, candidate_regions
+from .io import InputError, write_text_atomic
+from .manifests import category_role
+from .metrics import dice
+
+SETTINGS = tuple(f"loo-{c}" for c in phantoms.CT_CATEGORIES) + ("seen-unseen", "ct-mri")
+SEEDS = {"train": 2000, "validation": 2001, "test": 3000}  # PhantomBench seeds of the three splits
+
+
+def setting_categories(setting: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(seen, unseen) tumor categories of a setting."""
+    if setting not in SETTINGS:
+        raise InputError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
+    name, held_out = (("loo", setting[4:]) if setting.startswith("loo-") else
+                      ("seen_unseen" if setting == "seen-unseen" else "mri", None))
+    roles = {c: category_role(c, name, held_out) for c in phantoms.CATEGORIES}
+    return (tuple(c for c, r in roles.items() if r == "train"), tuple(c for c, r in roles.items() if r == "test"))
+
+
+@dataclass
+class HeadsConfig:
+    setting: str = "seen-unseen"
+    train_per_category: int = 4
+    healthy_per_region: int = 3
+    validation_per_category: int = 2
+    test_per_category: int = 2  # test cases per unseen category, and healthy test cases per region
+    steps: int = 500
+    batch: int = 12
+    lr: float = 2e-3
+    dim: int = 64
+    seed: int = 0
+
+
+@dataclass
+class TrainedHeads:
+    """AOVA head + region head + the prompts they were trained with + validated thresholds."""
+
+    aova: AOVAHead
+    region: RegionHead
+    setting: str
+    seen: tuple[str, ...]
+    thresholds: DetectionThresholds
+    config: HeadsConfig
+
+    @property
+    def abnormal_organs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(CATEGORY_ORGAN[c] for c in self.seen))
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"aova.{k}": v for k, v in self.aova.state_dict().items()}
+        tensors.update({f"region.{k}": v for k, v in self.region.state_dict().items()})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "heads.safetensors")
+        meta = {"setting": self.setting, "seen": list(self.seen), "thresholds": asdict(self.thresholds),
+                "config": asdict(self.config), "stage_channels": list(self.aova.stage_channels),
+                "text_dim": self.aova.text_dim}
+        write_text_atomic(folder / "heads.json", json.dumps(meta, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "TrainedHeads":
+        folder = Path(folder)
+        meta = json.loads((folder / "heads.json").read_text())
+        config = HeadsConfig(**meta["config"])
+        aova = AOVAHead(meta["stage_channels"], meta["text_dim"], config.dim)
+        region = RegionHead(meta["stage_channels"], meta["text_dim"], config.dim)
+        tensors = load_file(folder / "heads.safetensors")
+        aova.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("aova.")})
+        region.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("region.")})
+        return cls(aova.eval(), region.eval(), meta["setting"], tuple(meta["seen"]),
+                   DetectionThresholds(**meta["thresholds"]), config)
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def split_cases(setting: str, split: str, config: HeadsConfig, shape=phantoms.DEFAULT_SHAPE):
+    """PhantomBench cases of a split. Train and validation hold seen categories + healthy only."""
+    seen, unseen = setting_categories(setting)
+    seed = SEEDS[split]
+    if split == "test":
+        categories, per_category, healthy = unseen, config.test_per_category, config.test_per_category
+    else:
+        categories = seen
+        per_category = config.train_per_category if split == "train" else config.validation_per_category
+        healthy = config.healthy_per_region if split == "train" else 1
+    regions = sorted({phantoms.CATEGORY_REGION.get(c, "abdomen") for c in categories})
+    for category in categories:
+        for index in range(per_category):
+            yield phantoms.generate_case(category, index, seed, shape)
+    for region in regions if split == "test" else ("abdomen", "thorax", "brain"):
+        for index in range(healthy):
+            yield phantoms.generate_case("healthy", index, seed, shape, region=region)
+
+
+@torch.no_grad()
+def volume_features(backbone, image: np.ndarray, modality: str, batch: int = 32) -> list[torch.Tensor]:
+    """The frozen encoder's three stage features for every axial slice: (Z, C_l, h_l, w_l) each."""
+    intensity = backbone.intensity(modality, image)
+    x = backbone.volume_to_slices(intensity.forward(image))
+    chunks = [backbone.encode_features(x[i:i + batch]) for i in range(0, len(x), batch)]
+    return [torch.cat([c[l] for c in chunks]).cpu() for l in range(3)]
+
+
+@dataclass
+class SliceBank:
+    features: list[torch.Tensor]  # (N, C_l, h_l, w_l), float16
+    organs: torch.Tensor  # (N, H, W) int16
+    tumor: torch.Tensor  # (N, H, W) bool
+    categories: list[str | None]
+    modalities: list[str]
+
+
+def build_slice_bank(backbone, cases, *, rng: np.random.Generator, normal_slices: int = 6, progress=False) -> SliceBank:
+    """Training slices: every tumor slice, plus a few tumor-free slices with anatomy, per case."""
+    features, organs, tumors, categories, modalities = [[], [], []], [], [], [], []
+    for case in tqdm(list(cases), desc="features", disable=not progress):
+        tumor_slices = np.flatnonzero(case.tumor.any((0, 1)))
+        others = np.flatnonzero((case.organs > 0).mean((0, 1)) > 0.05)
+        others = np.setdiff1d(others, tumor_slices)
+        picked = np.concatenate([tumor_slices, rng.choice(others, min(normal_slices, len(others)), replace=False)])
+        stage = volume_features(backbone, case.image, case.modality)
+        for l in range(3):
+            features[l].append(stage[l][picked].half())
+        organs.append(torch.from_numpy(case.organs[:, :, picked].transpose(2, 0, 1).astype(np.int16)))
+        tumors.append(torch.from_numpy(case.tumor[:, :, picked].transpose(2, 0, 1).astype(bool)))
+        category = None if case.category == "healthy" else case.category
+        categories += [category] * len(picked)
+        modalities += [case.modality] * len(picked)
+    return SliceBank([torch.cat(f) for f in features], torch.cat(organs), torch.cat(tumors), categories, modalities)
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+def train_heads(backbone, text_encoder, config: HeadsConfig = HeadsConfig(), *, progress: bool = True,
+                shape=phantoms.DEFAULT_SHAPE) -> TrainedHeads:
+    """Train AOVA + region head on the setting's seen categories; pick thresholds on its validation split."""
+    seen, _ = setting_categories(config.setting)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    bank = build_slice_bank(backbone, split_cases(config.setting, "train", config, shape), rng=rng, progress=progress)
+    leaked = {c for c in bank.categories if c is not None} - set(seen)
+    if leaked:  # the data loader itself is checked, not the convention
+        raise RuntimeError(f"categories {sorted(leaked)} are not seen in {config.setting} but reached its training set")
+    abnormal = tuple(dict.fromkeys(CATEGORY_ORGAN[c] for c in seen))
+    prompt_sets = {m: build_prompt_set(text_encoder, m, [o for o in abnormal if _organ_modality(o) == m])
+                   for m in ("CT", "MRI")}
+    channels = [f.shape[1] for f in bank.features]
+    aova = AOVAHead(channels, text_encoder.hidden_size, config.dim)
+    region = RegionHead(channels, text_encoder.hidden_size, config.dim)
+    heads = TrainedHeads(aova, region, config.setting, seen, DetectionThresholds(), config)
+    _fit(heads, bank, prompt_sets, config, rng, progress)
+    validation = list(split_cases(config.setting, "validation", config, shape))
+    heads.thresholds = choose_thresholds(heads, backbone, text_encoder, validation)
+    return heads
+
+
+def _organ_modality(organ: str) -> str:
+    return "MRI" if organ == "brain" else "CT"
+
+
+def _fit(heads, bank: SliceBank, prompt_sets, config: HeadsConfig, rng, progress):
+    size = tuple(bank.features[0].shape[-2:])  # losses on the finest stage's grid (1/2 of the image)
+    step = bank.organs.shape[-1] // size[-1]
+    organs, tumor = bank.organs[:, ::step, ::step].numpy(), bank.tumor[:, ::step, ::step].numpy()
+    targets = torch.from_numpy(np.stack([
+        prompt_targets(organs[i], tumor[i], bank.categories[i], prompt_sets[bank.modalities[i]])
+        for i in range(len(organs))]))
+    tumor = torch.from_numpy(tumor)
+    by_modality = {m: np.flatnonzero(np.array(bank.modalities) == m) for m in prompt_sets}
+    with_tumor = set(np.flatnonzero(tumor.flatten(1).any(1).numpy()))
+    parameters = list(heads.aova.parameters()) + list(heads.region.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=1e-4)
+    heads.aova.train(), heads.region.train()
+    weights = np.array([len(by_modality[m]) for m in prompt_sets], float)
+    bar = tqdm(range(config.steps), desc=f"heads {config.setting}", disable=not progress)
+    for _ in bar:
+        modality = list(prompt_sets)[rng.choice(len(weights), p=weights / weights.sum())]
+        pool = by_modality[modality]
+        tumor_pool = np.array([i for i in pool if i in with_tumor])
+        n_tumor = min(len(tumor_pool), int(config.batch * 0.6))
+        index = np.concatenate([rng.choice(tumor_pool, n_tumor) if n_tumor else np.empty(0, int),
+                                rng.choice(pool, config.batch - n_tumor)]).astype(int)
+        prompt_set = prompt_sets[modality]
+        output = heads.aova([f[index].float() for f in bank.features], prompt_set.embeddings, size)
+        losses = aova_loss(output, targets[index], tumor[index].float(), prompt_set)
+        region_loss = _region_loss(heads.region, output, targets[index], tumor[index], prompt_set, rng)
+        loss = losses["total"] + region_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", dice=f"{losses['dice'].item():.3f}")
+    heads.aova.eval(), heads.region.eval()
+
+
+def _region_loss(region_head, output, targets, tumor, prompt_set, rng) -> torch.Tensor:
+    """Tumor regions and normal-organ patches, pooled and scored: contrastive CE over prompts + BCE."""
+    n, h, w = targets.shape
+    output_s = anomaly_map(output, prompt_set).detach()
+    masks, labels = [], []
+    background = prompt_set.index("background")
+    for i in range(n):
+        if tumor[i].any():
+            mask = torch.zeros(n, h, w)
+            mask[i] = tumor[i].float()
+            masks.append(mask)
+            labels.append(int(targets[i][tumor[i]].mode().values))
+        false_positive = (output_s[i] > 0.3) & ~tumor[i]  # what the map wrongly flags: the filter's job
+        if false_positive.sum() >= 4:
+            mask = torch.zeros(n, h, w)
+            mask[i] = false_positive.float()
+            masks.append(mask)
+            labels.append(int(targets[i][false_positive].mode().values))
+        organ = (targets[i] != background) & ~tumor[i]
+        if organ.any():
+            y, x = np.argwhere(organ.numpy())[rng.integers(organ.sum().item())]
+            patch = torch.zeros(h, w, dtype=torch.bool)
+            patch[max(0, y - 4):y + 4, max(0, x - 4):x + 4] = True
+            mask = torch.zeros(n, h, w)
+            mask[i] = (patch & organ).float()
+            masks.append(mask)
+            labels.append(int(targets[i][patch & organ].mode().values))
+    if not masks:
+        return torch.zeros(())
+    pooled = RegionHead.pool(output.adapted, torch.stack(masks))
+    logits = region_head.logits(pooled, prompt_set.embeddings)
+    labels = torch.tensor(labels)
+    abnormal = torch.zeros(len(prompt_set.names), dtype=torch.bool)
+    abnormal[prompt_set.abnormal] = True
+    probability = torch.softmax(logits, -1)[:, abnormal].sum(-1).clamp(1e-6, 1 - 1e-6)
+    return F.cross_entropy(logits, labels) + F.binary_cross_entropy(probability, abnormal[labels].float())
+
+
+# ---- inference --------------------------------------------------------------------------------
+
+@dataclass
+class AOVAResult:
+    """AOVA on one volume: the prompt set, the maps, S and the organ probability on the volume grid."""
+
+    prompt_set: object
+    output: object  # AOVAOutput over the volume's slices
+    anomaly: np.ndarray  # (X, Y, Z)
+    organ_probability: np.ndarray  # (X, Y, Z)
+
+
+@torch.no_grad()
+def run_aova(heads: TrainedHeads, backbone, text_encoder, image: np.ndarray, modality: str, organ: str, *,
+             prompt: str | None = None, features=None) -> AOVAResult:
+    """``organ`` names the organ (seen or not); ``prompt`` replaces its abnormal prompt with free text."""
+    abnormal = [o for o in heads.abnormal_organs if _organ_modality(o) == modality.upper()]
+    if organ not in abnormal and not prompt:
+        abnormal.append(organ)  # an unseen organ: its abnormal prompt is encoded now (open vocabulary)
+    prompt_set = build_prompt_set(text_encoder, modality, abnormal, extra_abnormal={organ: prompt} if prompt else None)
+    features = features if features is not None else volume_features(backbone, image, modality)
+    output = heads.aova([f.float() for f in features], prompt_set.embeddings, tuple(image.shape[:2]))
+    return AOVAResult(prompt_set, output, anomaly_map(output, prompt_set).permute(1, 2, 0).numpy(),
+                      organ_map(output, prompt_set, organ).permute(1, 2, 0).numpy())
+
+
+@torch.no_grad()
+def find_regions(heads: TrainedHeads, aova: AOVAResult, thresholds: DetectionThresholds,
+                 organ_mask: np.ndarray | None = None) -> Detection:
+    """Candidate regions of S in the organ region, scored by the region head; the kept union."""
+    from scipy import ndimage
+
+    organ_mask = aova.organ_probability > thresholds.organ if organ_mask is None else organ_mask.astype(bool)
+    organ_region = ndimage.binary_dilation(organ_mask, iterations=2)
+    detection = Detection(aova.anomaly, organ_region, kept=np.zeros(aova.anomaly.shape, bool))
+    for mask in candidate_regions(aova.anomaly, organ_region, thresholds.anomaly, thresholds.min_voxels):
+        weights = torch.from_numpy(mask.transpose(2, 0, 1)[None].astype(np.float32))
+        pooled = RegionHead.pool(aova.output.adapted, weights)
+        probability = float(heads.region.anomaly_probability(pooled, aova.prompt_set))
+        detection.regions.append(Region(mask, int(mask.sum()), float(aova.anomaly[mask].mean()), probability))
+        if probability >= thresholds.region:
+            detection.kept |= mask
+    detection.case_score = max((r.probability * r.mean_s for r in detection.regions), default=0.0)
+    return detection
+
+
+def detect_case(heads: TrainedHeads, backbone, text_encoder, image: np.ndarray, modality: str, organ: str, *,
+                prompt: str | None = None, organ_mask: np.ndarray | None = None, features=None) -> Detection:
+    """AOVA, then region-level detection with the heads' validated thresholds."""
+    aova = run_aova(heads, backbone, text_encoder, image, modality, organ, prompt=prompt, features=features)
+    return find_regions(heads, aova, heads.thresholds, organ_mask)
+
+
+def choose_thresholds(heads: TrainedHeads, backbone, text_encoder, cases) -> DetectionThresholds:
+    """Grid search of the S and region thresholds for the best mean DSC on validation tumor cases."""
+    prepared = [(case, run_aova(heads, backbone, text_encoder, case.image, case.modality,
+                                CATEGORY_ORGAN[case.category])) for case in cases if case.category != "healthy"]
+    best = None
+    for anomaly in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
+        for region in (0.3, 0.5, 0.7, 0.9):
+            trial = replace(heads.thresholds, anomaly=anomaly, region=region)
+            scores = [dice(find_regions(heads, aova, trial).kept, case.tumor) for case, aova in prepared]
+            if best is None or np.mean(scores) > best[0]:
+                best = (float(np.mean(scores)), trial)
+    score, chosen = best
+    return replace(chosen, provenance=f"validation split of seen categories (seed {SEEDS['validation']}, "
+                   f"{len(prepared)} tumor cases): mean DSC {score:.3f}")
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+def evaluate_heads(heads: TrainedHeads, backbone, text_encoder, config: HeadsConfig | None = None, *,
+                   tolerance_mm: float = 2.0, progress: bool = False, shape=phantoms.DEFAULT_SHAPE) -> list[dict]:
+    """AOVA-only results on the setting's unseen categories (test split): one row per category."""
+    from .metrics import detection_auroc, surface_dice
+
+    config = config or heads.config
+    cases = list(split_cases(heads.setting, "test", config, shape))
+    per_case = []
+    for case in tqdm(cases, desc=f"test {heads.setting}", disable=not progress):
+        organ = CATEGORY_ORGAN.get(case.category) or ("brain" if case.modality == "MRI" else None)
+        organs = [organ] if organ else []
+        if case.category == "healthy":  # a healthy case is scored once per unseen organ of its region
+            organs = [CATEGORY_ORGAN[c] for c in setting_categories(heads.setting)[1]
+                      if phantoms.CATEGORY_REGION.get(c, "abdomen") == case.region]
+        features = volume_features(backbone, case.image, case.modality)
+        for organ in dict.fromkeys(organs):
+            detection = detect_case(heads, backbone, text_encoder, case.image, case.modality, organ, features=features)
+            row = {"case": case.case_id, "category": case.category, "organ": organ, "score": detection.case_score}
+            if case.category != "healthy":
+                tumor = case.tumor.astype(bool)
+                organ_truth = case.organ_mask(case.category) & ~tumor
+                inside, outside = detection.anomaly[tumor].mean(), detection.anomaly[organ_truth].mean()
+                row.update(dsc=dice(detection.kept, tumor),
+                           nsd=surface_dice(detection.kept, tumor, case.spacing, tolerance_mm),
+                           s_in=float(inside), s_out=float(outside))
+            per_case.append(row)
+    rows = []
+    for category in setting_categories(heads.setting)[1]:
+        tumor_rows = [r for r in per_case if r["category"] == category]
+        healthy_rows = [r for r in per_case if r["category"] == "healthy" and r["organ"] == CATEGORY_ORGAN[category]]
+        scores = [r["score"] for r in tumor_rows + healthy_rows]
+        labels = [1] * len(tumor_rows) + [0] * len(healthy_rows)
+        rows.append({"setting": heads.setting, "category": category, "cases": len(tumor_rows),
+                     "dsc": float(np.mean([r["dsc"] for r in tumor_rows])),
+                     "nsd": float(np.mean([r["nsd"] for r in tumor_rows])),
+                     "auroc": detection_auroc(scores, labels) if healthy_rows else float("nan"),
+                     "s_in_out_ratio": float(np.mean([r["s_in"] for r in tumor_rows]) /
+                                             max(np.mean([r["s_out"] for r in tumor_rows]), 1e-6))})
+    return rows

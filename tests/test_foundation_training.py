@@ -1,0 +1,78 @@
+"""Training the foundation model: healthy data only, a loadable result, resumable; the shipped model."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from diffugts_core import phantoms
+from diffugts_core.backbone import DEFAULT_MODEL, DiffusersSliceBackbone, SliceBackboneConfig
+from diffugts_core.backbone.registry import load_registry, models_root, verified_model_path
+from diffugts_core.backbone.training import caption, healthy_training_slices, train_foundation
+
+from .test_backbone import TINY
+
+
+def test_training_data_are_healthy_slices_with_organ_captions():
+    images, captions, case_ids = healthy_training_slices(TINY, SliceBackboneConfig(slice_shape=(32, 32)), False)
+    assert case_ids == ["healthy_abdomen_000", "healthy_thorax_000", "healthy_brain_000"]
+    assert images.shape[1:] == (1, 32, 32) and len(images) == len(captions)
+    assert float(images.min()) >= -1 and float(images.max()) <= 1
+    assert any(c.startswith("a CT scan of the abdomen showing") for c in captions)
+    assert any(c.startswith("an MRI scan of the brain showing") for c in captions)
+
+
+def test_a_case_with_a_tumor_never_reaches_the_training_set(monkeypatch):
+    real = phantoms.generate_case
+
+    def leaky(category, index, seed, shape, region=None):
+        return real("liver", index, seed, shape)  # pretends to be healthy, carries a tumor
+
+    monkeypatch.setattr(phantoms, "generate_case", leaky)
+    with pytest.raises(RuntimeError, match="must never see a tumor"):
+        healthy_training_slices(TINY, SliceBackboneConfig(slice_shape=(32, 32)), False)
+
+
+def test_caption_names_the_organs_in_view():
+    labels = np.zeros((128, 128), np.uint8)
+    labels[10:40, 10:40] = phantoms.ORGAN_LABELS["liver"]
+    labels[50:60, 50:60] = phantoms.ORGAN_LABELS["kidney_left"]
+    labels[70:72, 70:72] = phantoms.ORGAN_LABELS["spleen"]  # 4 voxels: not "in view"
+    assert caption(labels, "abdomen", "CT") == "a CT scan of the abdomen showing liver, kidneys"
+
+
+def test_tiny_training_writes_a_loadable_model_and_resumes(tmp_path):
+    out = train_foundation(tmp_path / "m", TINY, progress=False, command="test")
+    backbone = DiffusersSliceBackbone.from_pretrained(out, device="cpu")
+    assert backbone.scaling_factor != 1.0  # set from the latents' spread
+    assert backbone.config.extra["data_cases"][0].startswith("healthy_")
+    assert "healthy" in (out / "README.md").read_text()
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert state["vae_step"] == 2 and state["unet_step"] == 2
+    longer = replace(TINY, unet_steps=3)
+    train_foundation(tmp_path / "m", longer, resume=True, progress=False)
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert state["unet_step"] == 3 and state["vae_step"] == 2  # the VAE was not trained again
+
+
+# ---- the shipped default -------------------------------------------------------------------
+
+def test_shipped_model_is_registered_small_and_verified():
+    entry = load_registry()[DEFAULT_MODEL]
+    assert entry["size_mb"] < 30
+    folder = verified_model_path(DEFAULT_MODEL)
+    assert folder == models_root() / entry["path"]
+    assert all((folder / name).is_file() for name in entry["files"])
+    assert "train-foundation" in entry["command"]
+
+
+def test_shipped_model_saw_no_tumor():
+    config = json.loads((verified_model_path(DEFAULT_MODEL) / "diffugts_backbone.json").read_text())
+    cases = config["extra"]["data_cases"]
+    assert cases and all(c.startswith("healthy_") for c in cases)
+    seed = config["extra"]["training"]["data_seed"]
+    for case_id in cases[:3]:  # regenerate a few: they hold no tumor voxel
+        _, region, index = case_id.split("_")
+        case = phantoms.generate_case("healthy", int(index), seed, (64, 64, 32), region=region)
+        assert case.tumor_voxels == 0

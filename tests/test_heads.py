@@ -1,0 +1,130 @@
+"""AOVA + region heads: zero-shot data discipline, learning on a tiny phantom set, open vocabulary."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from diffugts_core import heads as heads_module
+from diffugts_core import phantoms
+from diffugts_core.backbone import load_backbone
+from diffugts_core.aova import AOVAHead, PromptSet, anomaly_map, build_prompt_set, prompt_targets
+from diffugts_core.heads import (
+    SETTINGS,
+    HeadsConfig,
+    TrainedHeads,
+    evaluate_heads,
+    run_aova,
+    setting_categories,
+    split_cases,
+    train_heads,
+)
+from diffugts_core.text import TextEncoder
+
+from .test_backbone import tiny_backbone
+
+SHAPE = (32, 32, 16)  # data-discipline tests need no model
+TINY_HEADS = HeadsConfig(setting="seen-unseen", train_per_category=1, healthy_per_region=1,
+                         validation_per_category=1, test_per_category=1, steps=200, batch=8, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    return TextEncoder.from_pretrained(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone(device="cpu")  # learning tests need real features: the shipped foundation model
+
+
+@pytest.fixture(scope="module")
+def trained(backbone, text_encoder):
+    return train_heads(backbone, text_encoder, TINY_HEADS, progress=False)
+
+
+def test_settings_split_categories_as_the_protocol_says():
+    assert setting_categories("seen-unseen") == (("liver", "kidney", "pancreas"), ("lung", "colon", "hepatic_vessel"))
+    assert setting_categories("loo-colon")[1] == ("colon",) and "colon" not in setting_categories("loo-colon")[0]
+    assert setting_categories("ct-mri") == (phantoms.CT_CATEGORIES, ("brain",))
+    assert len(SETTINGS) == 8
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_held_out_categories_never_reach_training_or_validation(setting):
+    seen, unseen = setting_categories(setting)
+    config = replace(TINY_HEADS, setting=setting, train_per_category=1, validation_per_category=1)
+    for split in ("train", "validation"):
+        categories = {case.category for case in split_cases(setting, split, config, SHAPE)}
+        assert not categories & set(unseen), (setting, split)
+        assert categories - {"healthy"} == set(seen)
+        assert "healthy" in categories  # normal anatomy is part of training
+    assert {c.category for c in split_cases(setting, "test", config, SHAPE)} - {"healthy"} == set(unseen)
+
+
+def test_a_leak_in_the_data_loader_is_caught(monkeypatch, text_encoder):
+    real = heads_module.split_cases
+
+    def leaky(setting, split, config, shape):
+        yield from real(setting, split, config, shape)
+        yield phantoms.generate_case("lung", 0, 1, shape)  # unseen in seen-unseen
+
+    monkeypatch.setattr(heads_module, "split_cases", leaky)
+    with pytest.raises(RuntimeError, match="not seen in seen-unseen but reached its training set"):
+        train_heads(tiny_backbone(), text_encoder, replace(TINY_HEADS, steps=1), progress=False, shape=SHAPE)
+
+
+def test_unseen_abnormal_prompt_is_never_a_training_target(text_encoder):
+    prompts = build_prompt_set(text_encoder, "CT", ["liver"])
+    organs = np.full((4, 4), phantoms.ORGAN_LABELS["lung_right"])
+    tumor = np.zeros((4, 4), bool)
+    tumor[1, 1] = True
+    with pytest.raises(ValueError, match="held out"):
+        prompt_targets(organs, tumor, "lung", prompts)
+    target = prompt_targets(organs, tumor, None, prompts)
+    assert set(np.unique(target)) == {prompts.index("lung:normal")}
+
+
+def test_trained_head_raises_s_inside_tumors(trained, backbone, text_encoder):
+    ratios, before = [], []
+    untrained = TrainedHeads(AOVAHead(trained.aova.stage_channels, 384), trained.region, trained.setting,
+                             trained.seen, trained.thresholds, trained.config)
+    for index in (0, 1):  # a seen category, validation seed: not training cases
+        category = "liver"
+        case = phantoms.generate_case(category, index, 2001)
+        tumor = case.tumor.astype(bool)
+        outside = case.organ_mask() & ~tumor
+        for heads, out in ((trained, ratios), (untrained, before)):
+            anomaly = run_aova(heads, backbone, text_encoder, case.image, "CT", category).anomaly
+            out.append(anomaly[tumor].mean() / anomaly[outside].mean())
+    assert min(ratios) > 3, ratios
+    assert all(r > 2 * b for r, b in zip(ratios, before)), (ratios, before)
+
+
+def test_changing_the_prompt_changes_the_map(trained, backbone, text_encoder):
+    case = phantoms.generate_case("liver", 0, 2001)
+    default = run_aova(trained, backbone, text_encoder, case.image, "CT", "spleen")
+    custom = run_aova(trained, backbone, text_encoder, case.image, "CT", "spleen",
+                      prompt="a CT scan of a spleen with a large necrotic metastasis")
+    assert "spleen:abnormal" in default.prompt_set.names  # an organ never seen abnormal gets its prompt at run time
+    assert np.abs(default.anomaly - custom.anomaly).max() > 1e-3
+
+
+def test_save_load_round_trip(trained, backbone, tmp_path, text_encoder):
+    trained.save(tmp_path / "heads")
+    loaded = TrainedHeads.load(tmp_path / "heads")
+    assert loaded.seen == trained.seen and loaded.thresholds == trained.thresholds
+    case = phantoms.generate_case("kidney", 0, 2001)
+    a = run_aova(trained, backbone, text_encoder, case.image, "CT", "kidney").anomaly
+    b = run_aova(loaded, backbone, text_encoder, case.image, "CT", "kidney").anomaly
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert "validation split" in loaded.thresholds.provenance
+
+
+def test_evaluation_reports_every_unseen_category(trained, backbone, text_encoder):
+    rows = evaluate_heads(trained, backbone, text_encoder)
+    assert [r["category"] for r in rows] == ["lung", "colon", "hepatic_vessel"]
+    for row in rows:
+        assert 0 <= row["dsc"] <= 1 and 0 <= row["nsd"] <= 1 and 0 <= row["auroc"] <= 1
+        assert row["s_in_out_ratio"] > 0

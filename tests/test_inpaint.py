@@ -1,0 +1,89 @@
+"""Latent inpainting: the known region is untouched, and the shipped model restores healthy tissue."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffugts_core import phantoms
+from diffugts_core.backbone import Conditioning, load_backbone
+from diffugts_core.inpaint import InpaintConfig, enlarge_mask, inpaint_slices, latent_mask
+
+from .test_backbone import text_cond, tiny_backbone
+
+
+def test_enlarge_mask_is_isotropic_in_millimetres():
+    mask = np.zeros((11, 11, 11), bool)
+    mask[5, 5, 5] = True
+    grown = enlarge_mask(mask, spacing=(1.0, 1.0, 2.0), margin_mm=2.0)
+    assert grown[3, 5, 5] and grown[7, 5, 5] and not grown[2, 5, 5]  # 2 voxels of 1 mm
+    assert grown[5, 5, 4] and grown[5, 5, 6] and not grown[5, 5, 3]  # 1 voxel of 2 mm
+    assert enlarge_mask(mask, (1, 1, 1), 0).sum() == 1
+
+
+def test_latent_mask_marks_any_covered_cell():
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[0, 0, 5, 2] = 1
+    cells = latent_mask(mask, 4)
+    assert cells.shape == (1, 1, 2, 2) and cells[0, 0, 1, 0] == 1 and cells.sum() == 1
+
+
+def test_inpainting_changes_only_masked_pixels_of_masked_slices():
+    backbone = tiny_backbone()
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    mask = torch.zeros(3, 1, 32, 32, dtype=torch.bool)
+    mask[1, 0, 8:20, 10:22] = True
+    cond = text_cond()
+    out = inpaint_slices(backbone, x, mask, cond, Conditioning(cond.tokens * 0, cond.attention_mask),
+                         InpaintConfig(steps=3, samples=2, resample=2, guidance_scale=2.0))
+    assert out.shape == (2, 3, 1, 32, 32)
+    for sample in out:
+        assert torch.equal(sample[~mask], x[~mask])  # outside the mask, and slices without mask: the input
+    assert not torch.equal(out[0, 1][mask[1]], x[1][mask[1]])
+    assert not torch.equal(out[0], out[1])  # two seeds, two samples
+
+
+@pytest.mark.slow
+def test_shipped_model_moves_a_liver_tumor_toward_healthy_liver():
+    from diffugts_core.backbone.quality import pseudo_healthy_test
+    from diffugts_core.text import TextEncoder
+
+    backbone = load_backbone(device="cpu")
+    case = phantoms.generate_case("healthy", 1, 11, region="abdomen")  # a seed training never used
+    result = pseudo_healthy_test(backbone, TextEncoder.from_pretrained(device="cpu"), case, "liver",
+                                 InpaintConfig(steps=15, samples=1))
+    means = result["mean_hu"]
+    assert means["input"] == pytest.approx(means["healthy"] - 40, abs=0.01)
+    assert result["ratio"] <= 0.25, means
+
+
+def test_check_foundation_report_has_every_section():
+    from diffugts_core.backbone.quality import check_foundation, format_report
+    from diffugts_core.text import TextEncoder
+
+    backbone = tiny_backbone()
+    report = check_foundation(backbone, TextEncoder.from_pretrained(device="cpu"), shape=(32, 32, 16),
+                              config=InpaintConfig(steps=2, samples=1))
+    assert [r["case"] for r in report["reconstruction"]] == ["healthy_abdomen_000", "healthy_thorax_000",
+                                                              "healthy_brain_000"]
+    assert all(np.isfinite(r["mae_body"]) and r["mae_body"] > 0 for r in report["reconstruction"])
+    liver = report["pseudo_healthy"][0]
+    assert liver["organ"] == "liver" and liver["mean_hu"]["input"] == pytest.approx(liver["mean_hu"]["healthy"] - 40)
+    assert report["pass"] == all(r["ratio"] <= 0.25 for r in report["pseudo_healthy"])
+    assert report["timings"]["slices"] == 16
+    text = format_report(report)
+    for heading in ("VAE reconstruction", "healthy inpainting", "pseudo-healthy", "per-stage times"):
+        assert heading in text
+
+
+def test_pseudo_healthy_returns_the_input_outside_the_mask_bit_for_bit():
+    from diffugts_core.inpaint import prompt_conditioning, pseudo_healthy
+    from diffugts_core.text import TextEncoder
+
+    case = phantoms.generate_case("healthy", 0, 3, (32, 32, 16), region="abdomen")
+    mask = np.zeros(case.image.shape, bool)
+    mask[10:16, 10:16, 6:9] = True
+    cond, uncond = prompt_conditioning(TextEncoder.from_pretrained(device="cpu"), "a CT scan of the abdomen")
+    mean, spread = pseudo_healthy(tiny_backbone(), case.image, "CT", mask, cond, uncond,
+                                  InpaintConfig(steps=2, samples=2))
+    assert np.array_equal(mean[~mask], case.image[~mask])  # air below -1000 HU and bone above the knots included
+    assert (spread[~mask] == 0).all() and spread[mask].max() > 0
