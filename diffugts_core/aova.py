@@ -26,12 +26,14 @@ from . import phantoms
 from .text import TextEncoder, check_prompt, ensemble_embedding, load_templates
 
 BACKGROUND = "background"
+IGNORE = -100  # target of voxels no prompt is trained on (torch's default ignore_index)
 # organ keys of the prompts -> PhantomBench organ labels that make up the organ
 ORGAN_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "CT": {"liver": ("liver", "hepatic_vessels"), "spleen": ("spleen",), "kidney": ("kidney_right", "kidney_left"),
            "pancreas": ("pancreas",), "lung": ("lung_right", "lung_left"), "colon": ("colon",)},
     "MRI": {"brain": ("csf", "gray_matter", "white_matter")},
 }
+LESION_ORGANS = tuple(key for keys in ORGAN_KEYS.values() for key in keys)  # index + 1 = lesion id in a slice bank
 CATEGORY_ORGAN = {"liver": "liver", "hepatic_vessel": "liver", "kidney": "kidney", "pancreas": "pancreas",
                   "lung": "lung", "colon": "colon", "brain": "brain"}
 
@@ -133,25 +135,27 @@ def organ_map(output: AOVAOutput, prompt_set: PromptSet, organ: str) -> torch.Te
     return output.maps[:, prompt_set.organ_channels(organ)].sum(1)
 
 
-def prompt_targets(organs: np.ndarray, tumor: np.ndarray, category: str | None, prompt_set: PromptSet) -> np.ndarray:
-    """Per-voxel index of the prompt that should win: background, the organ's normal prompt, or the
-    abnormal prompt of the tumor's organ (only if that prompt is in the set: an unseen category's
-    abnormal prompt is never a training target)."""
-    target = np.full(organs.shape, prompt_set.index(BACKGROUND), np.int64)
+def prompt_targets(organs: np.ndarray, lesions: dict[str, np.ndarray], prompt_set: PromptSet) -> np.ndarray:
+    """Per-voxel index of the prompt that should win: background, the organ's normal prompt, or, where
+    ``lesions[organ]`` is set, that organ's abnormal prompt (which must be in the set). Air outside
+    the body is ``IGNORE``: it looks like lung, and which prompt claims it does not matter."""
+    target = np.where(organs > 0, prompt_set.index(BACKGROUND), IGNORE).astype(np.int64)
     for organ, labels in ORGAN_KEYS[prompt_set.modality].items():
         target[np.isin(organs, [phantoms.ORGAN_LABELS[name] for name in labels])] = prompt_set.index(f"{organ}:normal")
-    if category is not None and np.any(tumor):
-        name = f"{CATEGORY_ORGAN[category]}:abnormal"
+    for organ, mask in lesions.items():
+        if not np.any(mask):
+            continue
+        name = f"{organ}:abnormal"
         if name not in prompt_set.names:
-            raise ValueError(f"{category} tumors have no prompt {name!r} in this set: is the category held out?")
-        target[tumor.astype(bool)] = prompt_set.index(name)
+            raise ValueError(f"no prompt {name!r} in this set: is the category held out?")
+        target[mask.astype(bool)] = prompt_set.index(name)
     return target
 
 
 def aova_loss(output: AOVAOutput, target: torch.Tensor, tumor: torch.Tensor, prompt_set: PromptSet) -> dict:
     """Cross-entropy over prompts, plus Dice + BCE of S against the tumor mask."""
     log_maps = torch.log(output.maps.clamp_min(1e-6))
-    ce = F.nll_loss(log_maps, target)
+    ce = F.nll_loss(log_maps, target, ignore_index=IGNORE)
     s = anomaly_map(output, prompt_set).clamp(1e-6, 1 - 1e-6)
     bce = F.binary_cross_entropy(s, tumor)
     intersection = (s * tumor).sum()

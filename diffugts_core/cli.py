@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "categories, save safetensors + heads.json.")
     heads.add_argument("--setting", required=True, help="loo-<category>, seen-unseen or ct-mri")
     heads.add_argument("--out", type=Path, required=True, help="folder to write")
-    heads.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
+    heads.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
     heads.add_argument("--per-category", type=int, default=4, help="training cases per seen category (default 4)")
     heads.add_argument("--model", default="default", help="foundation model (default: the shipped one)")
     heads.add_argument("--no-progress", action="store_true")
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "unseen categories (test split, another seed) DSC, NSD, detection AUROC and the ratio of "
                           "mean S inside the tumor to the surrounding healthy organ.")
     aova.add_argument("--settings", default="all", help="comma-separated settings, or all (default)")
-    aova.add_argument("--steps", type=int, default=500)
+    aova.add_argument("--steps", type=int, default=600, help="training steps per setting (default 600)")
     aova.add_argument("--per-category", type=int, default=4, help="training cases per seen category (default 4)")
     aova.add_argument("--test-per-category", type=int, default=2, help="test cases per unseen category (default 2)")
     aova.add_argument("--model", default="default")

@@ -7,6 +7,13 @@ a category held out in the setting are never generated for its training or valid
 abnormal prompt of its organ is not among the training prompts. Thresholds come from a validation
 split of the seen categories (another PhantomBench seed), never from test cases. Healthy cases
 are part of training so the maps learn what normal looks like.
+
+Beyond the paper (switchable, ``synthetic_anomalies``): every training case also gets a few synthetic
+anomalies, each a smooth random blob in a random organ of its modality, filled either with another tissue
+of the same image (foreign tissue) or with the organ made 30-150 HU (MRI: 15-60 %) brighter or darker,
+labelled abnormal for that organ. It teaches the maps "different from
+this organ's normal appearance" rather than "looks like a seen tumor type"; it comes from no tumor
+category, held out or not.
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import phantoms
-from .aova import CATEGORY_ORGAN, AOVAHead, anomaly_map, aova_loss, build_prompt_set, organ_map, prompt_targets
+from .aova import CATEGORY_ORGAN, IGNORE, LESION_ORGANS, ORGAN_KEYS, AOVAHead, anomaly_map, aova_loss, build_prompt_set, organ_map, prompt_targets
 from .detect import Detection, DetectionThresholds, Region, RegionHead, candidate_regions
 from .io import InputError, write_text_atomic
 from .manifests import category_role
 from .metrics import dice
+from .preprocess import body_mask
 
 SETTINGS = tuple(f"loo-{c}" for c in phantoms.CT_CATEGORIES) + ("seen-unseen", "ct-mri")
 SEEDS = {"train": 2000, "validation": 2001, "test": 3000}  # PhantomBench seeds of the three splits
@@ -46,14 +54,15 @@ def setting_categories(setting: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 class HeadsConfig:
     setting: str = "seen-unseen"
     train_per_category: int = 4
-    healthy_per_region: int = 3
+    healthy_per_region: int = 4
     validation_per_category: int = 2
     test_per_category: int = 2  # test cases per unseen category, and healthy test cases per region
-    steps: int = 500
+    steps: int = 600
     batch: int = 12
     lr: float = 2e-3
     dim: int = 64
     seed: int = 0
+    synthetic_anomalies: int = 3  # per training case, in random organs (0: off, the paper's setup)
 
 
 @dataclass
@@ -66,10 +75,7 @@ class TrainedHeads:
     seen: tuple[str, ...]
     thresholds: DetectionThresholds
     config: HeadsConfig
-
-    @property
-    def abnormal_organs(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(CATEGORY_ORGAN[c] for c in self.seen))
+    abnormal_organs: tuple[str, ...] = ()  # organs whose abnormal prompt was a training target
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -77,7 +83,8 @@ class TrainedHeads:
         tensors = {f"aova.{k}": v for k, v in self.aova.state_dict().items()}
         tensors.update({f"region.{k}": v for k, v in self.region.state_dict().items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "heads.safetensors")
-        meta = {"setting": self.setting, "seen": list(self.seen), "thresholds": asdict(self.thresholds),
+        meta = {"setting": self.setting, "seen": list(self.seen), "abnormal_organs": list(self.abnormal_organs),
+                "thresholds": asdict(self.thresholds),
                 "config": asdict(self.config), "stage_channels": list(self.aova.stage_channels),
                 "text_dim": self.aova.text_dim}
         write_text_atomic(folder / "heads.json", json.dumps(meta, indent=2) + "\n")
@@ -94,7 +101,7 @@ class TrainedHeads:
         aova.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("aova.")})
         region.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("region.")})
         return cls(aova.eval(), region.eval(), meta["setting"], tuple(meta["seen"]),
-                   DetectionThresholds(**meta["thresholds"]), config)
+                   DetectionThresholds(**meta["thresholds"]), config, tuple(meta["abnormal_organs"]))
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -131,28 +138,70 @@ def volume_features(backbone, image: np.ndarray, modality: str, batch: int = 32)
 class SliceBank:
     features: list[torch.Tensor]  # (N, C_l, h_l, w_l), float16
     organs: torch.Tensor  # (N, H, W) int16
-    tumor: torch.Tensor  # (N, H, W) bool
-    categories: list[str | None]
+    lesions: torch.Tensor  # (N, H, W) int8: 0 none, else 1 + index in LESION_ORGANS of the lesion's organ
+    categories: list[str | None]  # the source case's tumor category (None: healthy): checked for leaks
     modalities: list[str]
 
+    @property
+    def tumor(self) -> torch.Tensor:
+        return self.lesions > 0
 
-def build_slice_bank(backbone, cases, *, rng: np.random.Generator, normal_slices: int = 6, progress=False) -> SliceBank:
-    """Training slices: every tumor slice, plus a few tumor-free slices with anatomy, per case."""
-    features, organs, tumors, categories, modalities = [[], [], []], [], [], [], []
+    def lesion_masks(self, lesions: np.ndarray) -> dict[str, np.ndarray]:
+        return {LESION_ORGANS[i - 1]: lesions == i for i in np.unique(lesions) if i > 0}
+
+
+def insert_synthetic_anomaly(image: np.ndarray, organs: np.ndarray, modality: str, spacing, rng):
+    """A smooth random blob in a random organ, brighter or darker than it: (image, mask, organ key)."""
+    from scipy import ndimage
+
+    present = [(key, np.isin(organs, [phantoms.ORGAN_LABELS[n] for n in names]))
+               for key, names in ORGAN_KEYS[modality].items()]
+    present = [(key, mask) for key, mask in present if mask.sum() > 200]
+    key, organ = present[rng.integers(len(present))]
+    depth = ndimage.distance_transform_edt(organ, sampling=spacing)
+    candidates = np.argwhere(depth > 3.0) if (depth > 3.0).any() else np.argwhere(organ)
+    centre = candidates[rng.integers(len(candidates))]
+    radius = rng.uniform(5.0, 15.0)
+    grid = np.ogrid[tuple(slice(0, n) for n in image.shape)]
+    distance = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing)))
+    wobble = ndimage.gaussian_filter(rng.normal(size=image.shape), 2.0)
+    mask = (distance / radius + 0.15 * wobble / (wobble.std() + 1e-6) < 1) & organ  # an irregular edge
+    base = float(np.median(image[organ]))
+    others = [label for label in np.unique(organs) if label and not np.isin(label, organs[organ]).any()]
+    if others and rng.random() < 0.5:  # foreign tissue: the median of another labelled tissue of this image
+        value = float(np.median(image[organs == others[rng.integers(len(others))]]))
+    elif modality == "CT":  # the organ itself, brighter or darker
+        value = base + rng.choice([-1, 1]) * rng.uniform(30, 150)
+    else:
+        value = base * (1 + rng.choice([-1, 1]) * rng.uniform(0.15, 0.6))
+    out = image.copy()
+    out[mask] = value + 0.3 * (image[mask] - base)  # keeps a little of the organ's texture
+    return out, mask, key
+
+
+def build_slice_bank(backbone, cases, *, rng: np.random.Generator, normal_slices: int = 8, synthetic: int = 3,
+                     progress=False) -> SliceBank:
+    """Training slices: every tumor (and synthetic anomaly) slice, plus a few others with anatomy, per case."""
+    features, organs, lesions, categories, modalities = [[], [], []], [], [], [], []
     for case in tqdm(list(cases), desc="features", disable=not progress):
-        tumor_slices = np.flatnonzero(case.tumor.any((0, 1)))
-        others = np.flatnonzero((case.organs > 0).mean((0, 1)) > 0.05)
-        others = np.setdiff1d(others, tumor_slices)
-        picked = np.concatenate([tumor_slices, rng.choice(others, min(normal_slices, len(others)), replace=False)])
-        stage = volume_features(backbone, case.image, case.modality)
+        image = case.image
+        lesion = np.zeros(case.organs.shape, np.int8)
+        if case.category != "healthy":
+            lesion[case.tumor > 0] = 1 + LESION_ORGANS.index(CATEGORY_ORGAN[case.category])
+        for _ in range(synthetic):
+            image, blob, organ = insert_synthetic_anomaly(image, case.organs, case.modality, case.spacing, rng)
+            lesion[blob & (lesion == 0)] = 1 + LESION_ORGANS.index(organ)
+        lesion_slices = np.flatnonzero(lesion.any((0, 1)))
+        others = np.setdiff1d(np.flatnonzero((case.organs > 0).mean((0, 1)) > 0.05), lesion_slices)
+        picked = np.concatenate([lesion_slices, rng.choice(others, min(normal_slices, len(others)), replace=False)])
+        stage = volume_features(backbone, image, case.modality)
         for l in range(3):
             features[l].append(stage[l][picked].half())
         organs.append(torch.from_numpy(case.organs[:, :, picked].transpose(2, 0, 1).astype(np.int16)))
-        tumors.append(torch.from_numpy(case.tumor[:, :, picked].transpose(2, 0, 1).astype(bool)))
-        category = None if case.category == "healthy" else case.category
-        categories += [category] * len(picked)
+        lesions.append(torch.from_numpy(lesion[:, :, picked].transpose(2, 0, 1)))
+        categories += [None if case.category == "healthy" else case.category] * len(picked)
         modalities += [case.modality] * len(picked)
-    return SliceBank([torch.cat(f) for f in features], torch.cat(organs), torch.cat(tumors), categories, modalities)
+    return SliceBank([torch.cat(f) for f in features], torch.cat(organs), torch.cat(lesions), categories, modalities)
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -163,17 +212,18 @@ def train_heads(backbone, text_encoder, config: HeadsConfig = HeadsConfig(), *, 
     seen, _ = setting_categories(config.setting)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    bank = build_slice_bank(backbone, split_cases(config.setting, "train", config, shape), rng=rng, progress=progress)
+    bank = build_slice_bank(backbone, split_cases(config.setting, "train", config, shape), rng=rng,
+                            synthetic=config.synthetic_anomalies, progress=progress)
     leaked = {c for c in bank.categories if c is not None} - set(seen)
     if leaked:  # the data loader itself is checked, not the convention
         raise RuntimeError(f"categories {sorted(leaked)} are not seen in {config.setting} but reached its training set")
-    abnormal = tuple(dict.fromkeys(CATEGORY_ORGAN[c] for c in seen))
+    abnormal = tuple(LESION_ORGANS[i - 1] for i in sorted(set(bank.lesions.unique().tolist()) - {0}))
     prompt_sets = {m: build_prompt_set(text_encoder, m, [o for o in abnormal if _organ_modality(o) == m])
                    for m in ("CT", "MRI")}
     channels = [f.shape[1] for f in bank.features]
     aova = AOVAHead(channels, text_encoder.hidden_size, config.dim)
     region = RegionHead(channels, text_encoder.hidden_size, config.dim)
-    heads = TrainedHeads(aova, region, config.setting, seen, DetectionThresholds(), config)
+    heads = TrainedHeads(aova, region, config.setting, seen, DetectionThresholds(), config, abnormal)
     _fit(heads, bank, prompt_sets, config, rng, progress)
     validation = list(split_cases(config.setting, "validation", config, shape))
     heads.thresholds = choose_thresholds(heads, backbone, text_encoder, validation)
@@ -187,11 +237,11 @@ def _organ_modality(organ: str) -> str:
 def _fit(heads, bank: SliceBank, prompt_sets, config: HeadsConfig, rng, progress):
     size = tuple(bank.features[0].shape[-2:])  # losses on the finest stage's grid (1/2 of the image)
     step = bank.organs.shape[-1] // size[-1]
-    organs, tumor = bank.organs[:, ::step, ::step].numpy(), bank.tumor[:, ::step, ::step].numpy()
+    organs, lesions = bank.organs[:, ::step, ::step].numpy(), bank.lesions[:, ::step, ::step].numpy()
     targets = torch.from_numpy(np.stack([
-        prompt_targets(organs[i], tumor[i], bank.categories[i], prompt_sets[bank.modalities[i]])
+        prompt_targets(organs[i], bank.lesion_masks(lesions[i]), prompt_sets[bank.modalities[i]])
         for i in range(len(organs))]))
-    tumor = torch.from_numpy(tumor)
+    tumor = torch.from_numpy(lesions > 0)
     by_modality = {m: np.flatnonzero(np.array(bank.modalities) == m) for m in prompt_sets}
     with_tumor = set(np.flatnonzero(tumor.flatten(1).any(1).numpy()))
     parameters = list(heads.aova.parameters()) + list(heads.region.parameters())
@@ -230,13 +280,13 @@ def _region_loss(region_head, output, targets, tumor, prompt_set, rng) -> torch.
             mask[i] = tumor[i].float()
             masks.append(mask)
             labels.append(int(targets[i][tumor[i]].mode().values))
-        false_positive = (output_s[i] > 0.3) & ~tumor[i]  # what the map wrongly flags: the filter's job
+        false_positive = (output_s[i] > 0.3) & ~tumor[i] & (targets[i] != IGNORE)  # what the filter must drop
         if false_positive.sum() >= 4:
             mask = torch.zeros(n, h, w)
             mask[i] = false_positive.float()
             masks.append(mask)
             labels.append(int(targets[i][false_positive].mode().values))
-        organ = (targets[i] != background) & ~tumor[i]
+        organ = (targets[i] != background) & (targets[i] != IGNORE) & ~tumor[i]
         if organ.any():
             y, x = np.argwhere(organ.numpy())[rng.integers(organ.sum().item())]
             patch = torch.zeros(h, w, dtype=torch.bool)
@@ -266,6 +316,7 @@ class AOVAResult:
     output: object  # AOVAOutput over the volume's slices
     anomaly: np.ndarray  # (X, Y, Z)
     organ_probability: np.ndarray  # (X, Y, Z)
+    body: np.ndarray  # (X, Y, Z) bool, from the image (the maps are not trained outside the body)
 
 
 @torch.no_grad()
@@ -279,7 +330,7 @@ def run_aova(heads: TrainedHeads, backbone, text_encoder, image: np.ndarray, mod
     features = features if features is not None else volume_features(backbone, image, modality)
     output = heads.aova([f.float() for f in features], prompt_set.embeddings, tuple(image.shape[:2]))
     return AOVAResult(prompt_set, output, anomaly_map(output, prompt_set).permute(1, 2, 0).numpy(),
-                      organ_map(output, prompt_set, organ).permute(1, 2, 0).numpy())
+                      organ_map(output, prompt_set, organ).permute(1, 2, 0).numpy(), body_mask(image, modality))
 
 
 @torch.no_grad()
@@ -288,8 +339,9 @@ def find_regions(heads: TrainedHeads, aova: AOVAResult, thresholds: DetectionThr
     """Candidate regions of S in the organ region, scored by the region head; the kept union."""
     from scipy import ndimage
 
-    organ_mask = aova.organ_probability > thresholds.organ if organ_mask is None else organ_mask.astype(bool)
-    organ_region = ndimage.binary_dilation(organ_mask, iterations=2)
+    if organ_mask is None:
+        organ_mask = (aova.organ_probability > thresholds.organ) & aova.body
+    organ_region = ndimage.binary_dilation(organ_mask.astype(bool), iterations=2)
     detection = Detection(aova.anomaly, organ_region, kept=np.zeros(aova.anomaly.shape, bool))
     for mask in candidate_regions(aova.anomaly, organ_region, thresholds.anomaly, thresholds.min_voxels):
         weights = torch.from_numpy(mask.transpose(2, 0, 1)[None].astype(np.float32))

@@ -56,6 +56,14 @@ def _window_bounds(window) -> tuple[float, float]:
     return lower, upper
 
 
+def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
+    """The patient's body, slice by slice: CT above -500 HU, MRI above 5 % of its 99th percentile; holes
+    (lungs, bowel gas) filled."""
+    threshold = -500.0 if modality.upper() == "CT" else 0.05 * float(np.percentile(image, 99))
+    inside = image > threshold
+    return np.stack([ndimage.binary_fill_holes(inside[:, :, k]) for k in range(image.shape[2])], axis=2)
+
+
 def normalize_mri(image: np.ndarray, lower_percentile: float = 0.0, upper_percentile: float = 99.5,
                   mask: np.ndarray | None = None) -> np.ndarray:
     """Map the [lower, upper] percentiles (of the foreground, by default non-zero voxels) to [0, 1], clipped."""

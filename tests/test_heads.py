@@ -75,15 +75,28 @@ def test_a_leak_in_the_data_loader_is_caught(monkeypatch, text_encoder):
         train_heads(tiny_backbone(), text_encoder, replace(TINY_HEADS, steps=1), progress=False, shape=SHAPE)
 
 
-def test_unseen_abnormal_prompt_is_never_a_training_target(text_encoder):
+def test_a_prompt_outside_the_set_is_never_a_target(text_encoder):
     prompts = build_prompt_set(text_encoder, "CT", ["liver"])
     organs = np.full((4, 4), phantoms.ORGAN_LABELS["lung_right"])
     tumor = np.zeros((4, 4), bool)
     tumor[1, 1] = True
     with pytest.raises(ValueError, match="held out"):
-        prompt_targets(organs, tumor, "lung", prompts)
-    target = prompt_targets(organs, tumor, None, prompts)
+        prompt_targets(organs, {"lung": tumor}, prompts)
+    target = prompt_targets(organs, {}, prompts)
     assert set(np.unique(target)) == {prompts.index("lung:normal")}
+
+
+def test_synthetic_anomalies_come_from_no_category():
+    case = phantoms.generate_case("healthy", 0, 5, SHAPE, region="thorax")
+    image, mask, organ = heads_module.insert_synthetic_anomaly(case.image, case.organs, "CT", case.spacing,
+                                                               np.random.default_rng(0))
+    assert mask.any() and organ in ("liver", "spleen", "kidney", "pancreas", "lung", "colon")
+    assert np.array_equal(image[~mask], case.image[~mask])
+    from diffugts_core.aova import ORGAN_KEYS
+
+    organ_voxels = np.isin(case.organs, [phantoms.ORGAN_LABELS[n] for n in ORGAN_KEYS["CT"][organ]])
+    assert mask[~organ_voxels].sum() == 0  # inside its organ only
+    assert abs(image[mask].mean() - np.median(case.image[organ_voxels])) > 15  # not the organ's own intensity
 
 
 def test_trained_head_raises_s_inside_tumors(trained, backbone, text_encoder):

@@ -99,3 +99,15 @@ def test_mri_percentile_normalisation():
     out = normalize_mri(image, 0, 100)
     assert out.min() == 0 and out.max() == 1
     assert out.reshape(-1)[-1] == 1 and out.reshape(-1)[100] == 0
+
+
+def test_body_mask_fills_the_lungs_and_leaves_the_air_outside():
+    from diffugts_core import phantoms
+    from diffugts_core.preprocess import body_mask
+
+    case = phantoms.generate_case("healthy", 0, 1, (64, 64, 32), region="thorax")
+    body = body_mask(case.image, "CT")
+    lungs = np.isin(case.organs, [phantoms.ORGAN_LABELS["lung_right"], phantoms.ORGAN_LABELS["lung_left"]])
+    assert body[lungs].mean() > 0.99  # air inside the chest is body
+    assert (body == (case.organs > 0)).mean() > 0.98
+    assert not body[0, 0, :].any()  # the corner of the field of view is outside air

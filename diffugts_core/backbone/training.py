@@ -166,13 +166,8 @@ def _train_vae(vae, images, config, checkpoints, state, progress):
             posterior = vae.encode(batch).latent_dist
             reconstruction = vae.decode(posterior.sample(generator)).sample
         loss = (reconstruction.float() - batch).abs().mean() + config.kl_weight * posterior.kl().float().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _update(vae, optimizer, loss, step, config.vae_steps, "vae", checkpoints, state, config.checkpoint_every)
         bar.set_postfix(l1=f"{loss.item():.4f}")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.vae_steps:
-            state["vae_step"] = step + 1
-            _checkpoint(vae, optimizer, checkpoints, "vae", state)
 
 
 @torch.no_grad()
@@ -208,13 +203,18 @@ def _train_unet(unet, latents, conds, scheduler, config, checkpoints, state, pro
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             predicted = unet(z_t, t, encoder_hidden_states=cond.tokens, encoder_attention_mask=cond.attention_mask).sample
         loss = torch.nn.functional.mse_loss(predicted.float(), noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _update(unet, optimizer, loss, step, config.unet_steps, "unet", checkpoints, state, config.checkpoint_every)
         bar.set_postfix(mse=f"{loss.item():.4f}")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps:
-            state["unet_step"] = step + 1
-            _checkpoint(unet, optimizer, checkpoints, "unet", state)
+
+
+def _update(model, optimizer, loss, step: int, total: int, name: str, checkpoints: Path, state: dict, every: int):
+    """One optimiser step; a checkpoint every ``every`` steps and at the end."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if (step + 1) % every == 0 or step + 1 == total:
+        state[f"{name}_step"] = step + 1
+        _checkpoint(model, optimizer, checkpoints, name, state)
 
 
 def _cosine_lr(optimizer, base: float, step: int, total: int, warmup: int = 50) -> None:
