@@ -202,10 +202,23 @@ class SliceViewer:
         ax.set_xticks([])
         ax.set_yticks([])
 
+    def png(self, *, size: float = 4.0, dpi: int = 90) -> bytes:
+        """The current view as PNG bytes (what the widget shows)."""
+        import io
+
+        fig = self.figure(size=size)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi)
+        plt.close(fig)
+        return buffer.getvalue()
+
     def widget(self):
-        """ipywidgets 8 controls around a live figure (needs a widget front end such as JupyterLab)."""
+        """ipywidgets 8 controls around a live picture (needs a widget front end such as JupyterLab).
+
+        The picture is an ``ipywidgets.Image`` updated with PNG bytes: no output capture, so it
+        behaves the same under papermill, where nothing renders it.
+        """
         import ipywidgets as widgets
-        from IPython.display import display
 
         depth = self.image.shape[VIEW_AXES[self.view]] - 1
         view = widgets.ToggleButtons(options=list(VIEW_AXES), value=self.view, description="view")
@@ -215,18 +228,14 @@ class SliceViewer:
                                   description="window", disabled=self.modality != "CT")
         alpha = widgets.FloatSlider(value=self.alpha, min=0.0, max=1.0, step=0.05, description="opacity")
         toggles = {name: widgets.Checkbox(value=True, description=name, indent=False) for name in self.layers}
-        output = widgets.Output()
+        picture = widgets.Image(format="png")
 
         def redraw(_=None):
             self.view, self.index, self.alpha = view.value, index.value, alpha.value
             if self.modality == "CT":
                 self.window = window.value
             self.visible = {name for name, box in toggles.items() if box.value}
-            with output:
-                output.clear_output(wait=True)
-                fig = self.figure()
-                display(fig)
-                plt.close(fig)
+            picture.value = self.png()
 
         def change_view(change):
             index.max = self.image.shape[VIEW_AXES[change["new"]]] - 1
@@ -238,4 +247,4 @@ class SliceViewer:
             control.observe(redraw, names="value")
         redraw()
         controls = widgets.VBox([view, index, window, alpha, widgets.HBox(list(toggles.values()))])
-        return widgets.HBox([output, controls])
+        return widgets.HBox([picture, controls])

@@ -84,3 +84,16 @@ def test_slice_viewer_widget_drives_the_figure():
 def test_slice_viewer_rejects_a_layer_on_another_grid():
     with pytest.raises(ValueError, match="layer 'tumor' has shape"):
         viz.SliceViewer(np.zeros((8, 8, 8)), layers={"tumor": np.zeros((8, 8, 4))})
+
+
+def test_slice_viewer_picture_follows_the_slider():
+    ipywidgets = pytest.importorskip("ipywidgets")
+    image = np.zeros((32, 32, 16))
+    image[:, :, 8:] = 100.0
+    viewer = viz.SliceViewer(image, spacing=(2.5, 2.5, 4.0))
+    box = viewer.widget()
+    picture = box.children[0]
+    assert isinstance(picture, ipywidgets.Image) and picture.value[:4] == b"\x89PNG"
+    before = picture.value
+    next(c for c in box.children[1].children if isinstance(c, ipywidgets.IntSlider)).value = 2
+    assert picture.value != before  # a dark slice now, the picture was redrawn
