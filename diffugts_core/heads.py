@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import phantoms
@@ -152,8 +153,6 @@ class SliceBank:
 
 def insert_synthetic_anomaly(image: np.ndarray, organs: np.ndarray, modality: str, spacing, rng):
     """A smooth random blob in a random organ, brighter or darker than it: (image, mask, organ key)."""
-    from scipy import ndimage
-
     present = [(key, np.isin(organs, [phantoms.ORGAN_LABELS[n] for n in names]))
                for key, names in ORGAN_KEYS[modality].items()]
     present = [(key, mask) for key, mask in present if mask.sum() > 200]
@@ -337,8 +336,6 @@ def run_aova(heads: TrainedHeads, backbone, text_encoder, image: np.ndarray, mod
 def find_regions(heads: TrainedHeads, aova: AOVAResult, thresholds: DetectionThresholds,
                  organ_mask: np.ndarray | None = None) -> Detection:
     """Candidate regions of S in the organ region, scored by the region head; the kept union."""
-    from scipy import ndimage
-
     if organ_mask is None:
         organ_mask = (aova.organ_probability > thresholds.organ) & aova.body
     organ_region = ndimage.binary_dilation(organ_mask.astype(bool), iterations=2)

@@ -119,7 +119,6 @@ def train_foundation(out: str | Path, config: FoundationTrainingConfig = Foundat
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    started = time.perf_counter()
     text_encoder = TextEncoder.from_pretrained(device="cpu")
     backbone_config = SliceBackboneConfig(slice_shape=config.shape[:2], text_encoder="all-MiniLM-L6-v2",
                                           max_length=text_encoder.max_length)
