@@ -111,21 +111,41 @@ def build_parser() -> argparse.ArgumentParser:
                            "categories, save safetensors + heads.json.")
     heads.add_argument("--setting", required=True, help="loo-<category>, seen-unseen or ct-mri")
     heads.add_argument("--out", type=Path, required=True, help="folder to write")
-    heads.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    heads.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
     heads.add_argument("--per-category", type=int, default=4, help="training cases per seen category (default 4)")
+    heads.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     heads.add_argument("--model", default="default", help="foundation model (default: the shipped one)")
+    heads.add_argument("--register", metavar="NAME", help="also record every file's sha256 in models/registry.yaml")
     heads.add_argument("--no-progress", action="store_true")
     heads.set_defaults(run=_run_train_heads)
+
+    detect = sub.add_parser("detect", help="AOVA anomaly map and region-level detection for one NIfTI volume",
+                            description="Run the trained heads (default: the shipped seen -> unseen heads) on a CT or "
+                            "MRI volume for one organ. Any organ or tumor phrase works (open vocabulary): --prompt "
+                            "replaces the organ's abnormal prompt. Writes the anomaly map S and the kept regions in "
+                            "the input's own grid, a JSON report and a PNG.")
+    detect.add_argument("image", type=Path, help="CT (HU) or MRI volume, .nii or .nii.gz")
+    detect.add_argument("--organ", required=True, help="organ to look in, e.g. liver, lung, colon, spleen, brain")
+    detect.add_argument("--prompt", help="free-text abnormal prompt, e.g. 'a CT scan of a spleen with a lesion'")
+    detect.add_argument("--modality", default="CT", type=str.upper, choices=("CT", "MRI"))
+    detect.add_argument("--organ-mask", type=Path, help="binary organ mask on the image grid (else found by the maps)")
+    detect.add_argument("--heads", default="default", help="trained heads folder or registry name (default: shipped)")
+    detect.add_argument("--model", default="default", help="foundation model (default: the shipped one)")
+    detect.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    detect.set_defaults(run=_run_detect)
 
     aova = sub.add_parser("evaluate-aova", help="AOVA-only DSC, NSD, detection AUROC per unseen category",
                           description="For each setting: train the heads on its seen categories, then report on its "
                           "unseen categories (test split, another seed) DSC, NSD, detection AUROC and the ratio of "
                           "mean S inside the tumor to the surrounding healthy organ.")
     aova.add_argument("--settings", default="all", help="comma-separated settings, or all (default)")
-    aova.add_argument("--steps", type=int, default=600, help="training steps per setting (default 600)")
+    aova.add_argument("--steps", type=int, default=3000, help="training steps per setting (default 3000)")
     aova.add_argument("--per-category", type=int, default=4, help="training cases per seen category (default 4)")
-    aova.add_argument("--test-per-category", type=int, default=2, help="test cases per unseen category (default 2)")
+    aova.add_argument("--test-per-category", type=int, default=4,
+                      help="test cases per unseen category, and healthy test cases per region (default 4)")
     aova.add_argument("--model", default="default")
+    aova.add_argument("--heads-cache", type=Path, help="keep each setting's trained heads in DIR/<setting>/ and reuse "
+                      "them when their training configuration matches")
     aova.add_argument("--json", type=Path, help="also write the rows as JSON")
     aova.add_argument("--no-progress", action="store_true")
     aova.set_defaults(run=_run_evaluate_aova)
@@ -252,25 +272,82 @@ def _run_check_foundation(args) -> int:
 
 def _run_train_heads(args) -> int:
     from .backbone import load_backbone
+    from .backbone.registry import record_model
     from .heads import HeadsConfig, setting_categories, train_heads
     from .text import TextEncoder
 
     seen, unseen = setting_categories(args.setting)
     backbone = load_backbone(args.model)
     text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
-    config = HeadsConfig(setting=args.setting, steps=args.steps, train_per_category=args.per_category)
+    config = HeadsConfig(setting=args.setting, steps=args.steps, train_per_category=args.per_category, seed=args.seed)
     start = time.perf_counter()
     heads = train_heads(backbone, text_encoder, config, progress=not args.no_progress)
     heads.save(args.out)
     print(f"setting {args.setting}: seen {', '.join(seen)}; unseen {', '.join(unseen)}")
     print(f"thresholds: {heads.thresholds}")
     print(f"wrote {args.out} in {(time.perf_counter() - start) / 60:.1f} min")
+    if args.register:
+        command = (f"diffugts train-heads --setting {args.setting} --out {args.out} --steps {args.steps} "
+                   f"--per-category {args.per_category} --seed {args.seed}")
+        entry = record_model(args.register, Path(args.out), command=command, licence="Apache-2.0",
+                             description=f"AOVA + region heads, setting {args.setting} (seen: {', '.join(seen)}), "
+                             f"on the {args.model} foundation model")
+        print(f"registered {args.register}: {len(entry['files'])} files, {entry['size_mb']} MB")
+    return 0
+
+
+def _run_detect(args) -> int:
+    from . import viz
+    from .backbone import load_backbone
+    from .backbone.registry import sha256_file
+    from .heads import TrainedHeads, detect_volume, heads_folder
+    from .io import load_volume, save_volume
+    from .text import TextEncoder, check_prompt
+
+    if args.prompt is not None:
+        check_prompt(args.prompt)  # before any model loads
+    start = time.perf_counter()
+    volume = load_volume(args.image)
+    organ_mask = load_volume(args.organ_mask, role="organ mask", dtype=np.uint8) if args.organ_mask else None
+    folder = heads_folder(args.heads)
+    heads = TrainedHeads.load(folder)
+    backbone = load_backbone(args.model)
+    text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
+    result = detect_volume(heads, backbone, text_encoder, volume, args.modality, args.organ, prompt=args.prompt,
+                           organ_mask=organ_mask)
+    stem = args.image.name.removesuffix(".gz").removesuffix(".nii")
+    inputs = [p for p in (args.image, args.organ_mask) if p]
+    written = [save_volume(result.anomaly.astype(np.float32), volume.affine, args.out / f"{stem}_anomaly.nii.gz",
+                           protect=inputs),
+               save_volume(result.kept, volume.affine, args.out / f"{stem}_regions.nii.gz", protect=inputs)]
+    prompt_set = result.aova.prompt_set
+    report = {
+        "image": str(args.image), "organ": args.organ, "modality": args.modality,
+        "prompts": {name: list(texts) for name, texts in zip(prompt_set.names, prompt_set.texts)},
+        "heads": {"folder": str(folder), "setting": heads.setting, "seen": list(heads.seen),
+                  "sha256": sha256_file(folder / "heads.safetensors")},
+        "thresholds": vars(heads.thresholds),
+        "case_score": result.detection.case_score,
+        "regions": [{"voxels": r.voxels, "mean_s": r.mean_s, "probability": r.probability,
+                     "kept": r.probability >= heads.thresholds.region} for r in result.detection.regions],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    written.append(write_text_atomic(args.out / f"{stem}_detection.json", json.dumps(report, indent=2) + "\n"))
+    figure = viz.montage(result.image, modality=args.modality,
+                         maps={"S": result.aova.anomaly}, tumor=result.detection.kept,
+                         title=f"{stem}: S for {args.organ!r}, kept regions in red")
+    written.append(viz.save_figure(figure, args.out / f"{stem}_aova.png"))
+    kept = sum(r["kept"] for r in report["regions"])
+    print(f"{stem}: {len(report['regions'])} candidate regions, {kept} kept; case score {report['case_score']:.3f}")
+    for path in written:
+        print(f"wrote {path}")
+    print(f"done in {report['seconds']:.1f} s")
     return 0
 
 
 def _run_evaluate_aova(args) -> int:
     from .backbone import load_backbone
-    from .heads import SETTINGS, HeadsConfig, evaluate_heads, train_heads
+    from .heads import SETTINGS, HeadsConfig, cached_heads, evaluate_heads, train_heads
     from .text import TextEncoder
 
     settings = SETTINGS if args.settings == "all" else tuple(s.strip() for s in args.settings.split(","))
@@ -281,7 +358,11 @@ def _run_evaluate_aova(args) -> int:
     for setting in settings:
         config = HeadsConfig(setting=setting, steps=args.steps, train_per_category=args.per_category,
                              test_per_category=args.test_per_category)
-        heads = train_heads(backbone, text_encoder, config, progress=not args.no_progress)
+        heads = cached_heads(args.heads_cache / setting, config) if args.heads_cache else None
+        if heads is None:
+            heads = train_heads(backbone, text_encoder, config, progress=not args.no_progress)
+            if args.heads_cache:
+                heads.save(args.heads_cache / setting)
         for row in evaluate_heads(heads, backbone, text_encoder, config):
             row["thresholds"] = heads.thresholds.provenance
             rows.append(row)

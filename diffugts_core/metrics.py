@@ -99,6 +99,17 @@ def detection_auroc(scores, labels) -> float:
     return float(compute_roc_auc(scores_t, torch.as_tensor(labels_np.astype(np.int64))))
 
 
+def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every distinct score, from (0, 0) to (1, 1), for plotting."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    detection_auroc(scores, labels)  # the same input checks
+    thresholds = np.unique(scores)[::-1]
+    positives, negatives = labels.sum(), (1 - labels).sum()
+    tpr = [0.0] + [float((labels[scores >= t] == 1).sum() / positives) for t in thresholds]
+    fpr = [0.0] + [float((labels[scores >= t] == 0).sum() / negatives) for t in thresholds]
+    return np.array(fpr), np.array(tpr)
+
+
 @dataclass
 class CaseMetrics:
     """Scores of one case; voxel counts tell tumor-positive cases (ref_voxels > 0) apart."""

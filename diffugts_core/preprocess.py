@@ -195,3 +195,18 @@ def _pad_or_crop(array: np.ndarray, before: tuple[int, int, int], out_shape, fil
         dst.append(slice(start_out, start_out + length))
     out[tuple(dst)] = array[tuple(src)]
     return out
+
+
+# The grid the default model and heads were trained on (PhantomBench at 128 x 128 x 64): CT 320 mm in-plane
+# at 2.5 mm and 4 mm slices; MRI brain 1.5 x 1.78 x 3 mm.
+MODEL_SPACING_MM = {"CT": (2.5, 2.5, 4.0), "MRI": (1.5, 1.78125, 3.0)}
+
+
+def model_grid_plan(volume: Volume, modality: str, slice_shape=(128, 128)) -> SpatialPlan:
+    """RAS, the model's spacing, and the in-plane size the model was trained on (slices kept as many as they come)."""
+    spacing = MODEL_SPACING_MM.get(modality.upper())
+    if spacing is None:
+        raise InputError(f"no processing grid for modality {modality!r}; use CT or MRI")
+    resampled = plan_spatial(volume, SpatialConfig(target_spacing=spacing))
+    return plan_spatial(volume, SpatialConfig(target_spacing=spacing,
+                                              target_shape=(*slice_shape, resampled.resampled_shape[2])))

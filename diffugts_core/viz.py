@@ -110,6 +110,66 @@ def montage(image: np.ndarray, *, modality: str = "CT", window: str = "soft_tiss
     return fig
 
 
+def overlay_panels(image: np.ndarray, maps: dict[str, np.ndarray], k: int, *, modality: str = "CT",
+                   window: str = "soft_tissue", contour=None, alpha: float = 0.6, vmax: float | None = 1.0,
+                   title: str | None = None) -> plt.Figure:
+    """One axial slice ``k``, one panel per float map (3D volumes or 2D slices), the image beneath each.
+
+    Maps of another in-plane size (a coarse stage, a latent grid) are stretched over the image. ``contour``
+    (a 3D mask, e.g. the tumor) is drawn in red on every panel; ``vmax=None`` scales each map to its maximum.
+    """
+    grey = axial(display_image(image, modality, window), k)
+    fig, axes = plt.subplots(1, len(maps), figsize=(2.6 * len(maps), 2.9), squeeze=False, layout="constrained")
+    extent = (-0.5, grey.shape[1] - 0.5, grey.shape[0] - 0.5, -0.5)
+    for ax, (name, layer) in zip(axes[0], maps.items()):
+        plane = axial(layer, k) if np.ndim(layer) == 3 else np.asarray(layer).T[::-1, ::-1]
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
+        ax.imshow(plane, cmap="magma", alpha=alpha, vmin=0, vmax=vmax, extent=extent, interpolation="bilinear")
+        if contour is not None and np.any(axial(contour, k)):
+            ax.contour(axial(contour, k), levels=[0.5], colors="red", linewidths=0.8)
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def figure_png(fig: plt.Figure, dpi: int = 90) -> bytes:
+    """A figure as PNG bytes (closed afterwards): what an ``ipywidgets.Image`` shows."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def prompt_explorer(render, value: str, *, description: str = "prompt"):
+    """A text box and a button around a picture: ``render(text)`` returns PNG bytes for the typed text.
+
+    Needs a widget front end (JupyterLab); nothing is drawn until the button is pressed or Enter is hit.
+    """
+    import ipywidgets as widgets
+
+    text = widgets.Text(value=value, description=description, layout=widgets.Layout(width="60%"))
+    button = widgets.Button(description="show map")
+    picture = widgets.Image(format="png")
+    status = widgets.Label()
+
+    def update(_=None):
+        try:
+            picture.value = render(text.value)
+            status.value = ""
+        except ValueError as exc:  # InputError included: an empty prompt
+            status.value = str(exc)
+
+    button.on_click(update)
+    text.continuous_update = False
+    text.observe(update, names="value")
+    return widgets.VBox([widgets.HBox([text, button]), status, picture])
+
+
 def case_grid(cases, *, alpha: float = 0.4, title: str | None = None) -> plt.Figure:
     """One row per case (image, organs, tumor) at the slice with the most tumor.
 
@@ -204,13 +264,7 @@ class SliceViewer:
 
     def png(self, *, size: float = 4.0, dpi: int = 90) -> bytes:
         """The current view as PNG bytes (what the widget shows)."""
-        import io
-
-        fig = self.figure(size=size)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi)
-        plt.close(fig)
-        return buffer.getvalue()
+        return figure_png(self.figure(size=size), dpi)
 
     def widget(self):
         """ipywidgets 8 controls around a live picture (needs a widget front end such as JupyterLab).

@@ -4,13 +4,16 @@ import json
 import subprocess
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 
+from diffugts_core import phantoms
 from diffugts_core.cli import build_parser, main
-from diffugts_core.io import load_volume
+from diffugts_core.io import load_volume, save_volume
+from diffugts_core.metrics import dice
 
-SUBCOMMANDS = ["demo", "phantoms", "evaluate", "manifests"]
+SUBCOMMANDS = ["demo", "phantoms", "evaluate", "manifests", "train-heads", "detect", "evaluate-aova"]
 
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in SUBCOMMANDS]])
@@ -57,8 +60,6 @@ def test_phantoms_then_evaluate_against_itself_and_a_shift(tmp_path, capsys):
     preds.mkdir()
     for kind in ("liver", "lung"):
         ref = load_volume(out / f"{kind}_000_tumor.nii.gz", dtype=np.uint8)
-        from diffugts_core.io import save_volume
-
         save_volume(np.roll(ref.array, 1, axis=0), ref.affine, preds / f"{kind}_000_pred.nii.gz")
     refs = tmp_path / "refs"
     refs.mkdir()
@@ -83,3 +84,47 @@ def test_manifests_list_and_missing_dataset(tmp_path, capsys):
     assert "msd_task03_liver" in capsys.readouterr().out
     assert main(["manifests", "msd_task03_liver", "--root", str(tmp_path / "absent")]) == 2
     assert "medicaldecathlon.com" in capsys.readouterr().err
+
+
+def _write_reoriented(case, codes, path, rotate_degrees=0.0):
+    """Write a PhantomBench case (RAS arrays) stored in another axis order, optionally rotated (oblique).
+
+    Returns the tumor and liver masks in the written file's voxel order, and its affine."""
+    ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt(codes))
+    angle = np.deg2rad(rotate_degrees)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    affine = rotation @ case.affine @ nib.orientations.inv_ornt_aff(ornt, case.image.shape)
+    save_volume(nib.orientations.apply_orientation(case.image, ornt), affine, path)
+    stored = [nib.orientations.apply_orientation(m, ornt).astype(bool) for m in (case.tumor, case.organ_mask())]
+    return *stored, affine
+
+
+@pytest.mark.parametrize("codes,degrees", [("LPS", 0.0), ("SLA", 15.0)], ids=["LPS", "oblique-permuted"])
+def test_detect_writes_the_anomaly_map_over_the_tumor_in_the_input_grid(tmp_path, capsys, codes, degrees):
+    case = phantoms.generate_case("liver", 0, 3000)  # test seed; liver is seen by the shipped heads
+    tumor, organ, affine = _write_reoriented(case, codes, tmp_path / "case.nii.gz", degrees)
+    assert main(["detect", str(tmp_path / "case.nii.gz"), "--organ", "liver", "-o", str(tmp_path / "out")]) == 0
+    anomaly = load_volume(tmp_path / "out" / "case_anomaly.nii.gz")
+    assert anomaly.shape == tumor.shape and np.allclose(anomaly.affine, affine)
+    inside, outside = anomaly.array[tumor].mean(), anomaly.array[organ & ~tumor].mean()
+    assert inside > 3 * outside, (inside, outside)
+    regions = load_volume(tmp_path / "out" / "case_regions.nii.gz", dtype=np.uint8).array.astype(bool)
+    assert dice(regions, tumor) > 0.4  # the kept regions overlay the tumor in the file's own voxel order
+    report = json.loads((tmp_path / "out" / "case_detection.json").read_text())
+    assert report["heads"]["setting"] == "seen-unseen" and "liver:abnormal" in report["prompts"]
+    assert (tmp_path / "out" / "case_aova.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "case.nii.gz").exists()  # the input is untouched
+
+
+def test_detect_bad_input_is_a_clean_error(tmp_path, capsys):
+    assert main(["detect", str(tmp_path / "missing.nii.gz"), "--organ", "liver", "-o", str(tmp_path / "out")]) == 2
+    assert "missing.nii.gz" in capsys.readouterr().err
+    case = phantoms.generate_case("liver", 0, 3000, (64, 64, 16))
+    save_volume(case.image, case.affine, tmp_path / "case.nii.gz")
+    assert main(["detect", str(tmp_path / "case.nii.gz"), "--organ", "liver", "--prompt", "  ",
+                 "-o", str(tmp_path / "out")]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert main(["detect", str(tmp_path / "case.nii.gz"), "--organ", "liver", "--heads", str(tmp_path),
+                 "-o", str(tmp_path / "out")]) == 2
+    assert "no heads.json" in capsys.readouterr().err

@@ -123,6 +123,29 @@ def test_changing_the_prompt_changes_the_map(trained, backbone, text_encoder):
     assert np.abs(default.anomaly - custom.anomaly).max() > 1e-3
 
 
+def test_an_organ_never_trained_gets_normal_and_abnormal_prompts_from_the_templates(trained, backbone, text_encoder):
+    case = phantoms.generate_case("healthy", 0, 2001, region="abdomen")
+    result = run_aova(trained, backbone, text_encoder, case.image, "CT", "stomach")
+    names = result.prompt_set.names
+    assert "stomach:normal" in names and "stomach:abnormal" in names
+    assert result.prompt_set.texts[names.index("stomach:normal")][0] == "a CT scan of a healthy stomach"
+    assert result.organ_probability.shape == case.image.shape
+
+
+def test_the_shipped_heads_are_registered_and_zero_shot_for_the_unseen_categories():
+    from diffugts_core.backbone.registry import load_registry
+    from diffugts_core.heads import DEFAULT_HEADS, heads_folder, load_heads
+
+    folder = heads_folder("default")  # sha256 of every file checked against the registry
+    entry = load_registry()[DEFAULT_HEADS]
+    assert "diffugts train-heads --setting seen-unseen" in entry["command"]
+    shipped = load_heads()
+    assert shipped.setting == "seen-unseen" and shipped.seen == ("liver", "kidney", "pancreas")
+    assert not {"lung", "colon", "hepatic_vessel", "brain"} & set(shipped.seen)
+    assert "validation split" in shipped.thresholds.provenance
+    assert (folder / "heads.safetensors").stat().st_size < 2_000_000
+
+
 def test_save_load_round_trip(trained, backbone, tmp_path, text_encoder):
     trained.save(tmp_path / "heads")
     loaded = TrainedHeads.load(tmp_path / "heads")

@@ -20,6 +20,7 @@ from diffugts_core.metrics import (
     CaseMetrics,
     case_id_from_name,
     detection_auroc,
+    roc_curve,
     dice,
     evaluate_folders,
     evaluate_pair,
@@ -104,6 +105,14 @@ def test_auroc_hand_computed():
     assert detection_auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
     # one tied pair (0.5 vs 0.5) counts half: (1 + 0.5 + 1 + 1) / 4
     assert detection_auroc([0.2, 0.5, 0.5, 0.9], [0, 1, 0, 1]) == pytest.approx(0.875)
+
+
+def test_roc_curve_hand_computed_and_its_area_is_the_auroc():
+    fpr, tpr = roc_curve([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    # thresholds 0.8, 0.4, 0.35, 0.1: (0, .5), (.5, .5), (.5, 1), (1, 1)
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
+    assert np.trapezoid(tpr, fpr) == pytest.approx(detection_auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]))
 
 
 @pytest.mark.parametrize("labels", [[1, 1, 1], [0, 0, 0]])

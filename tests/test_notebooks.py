@@ -66,3 +66,25 @@ def test_02_foundation_model(tmp_path):
     assert summary["vae_mae_liver_hu"] < 25
     assert summary["word_map_in_out"]["liver"] > 1.0  # the word "liver" attends to the liver more than elsewhere
     assert (Path(summary["trained_demo"]) / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.notebook
+def test_03_aova_maps(tmp_path):
+    _execute(ROOT / "notebooks" / "03_aova_maps.ipynb", tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["category"] == "hepatic_vessel" and not summary["seen_by_heads"]  # the default case is zero-shot
+    assert summary["s_ratio"] > 5  # S higher inside the unseen tumor than in the rest of the liver
+    assert "lung_s_ratio" in summary and summary["lung_winners"]  # the failure case is shown, not hidden
+    assert [shape[0] for shape in summary["stage_shapes"]] == [64, 32, 32]  # three stages, finest first
+    assert summary["prompt_change"] > 1e-3  # another prompt, another map
+
+
+@pytest.mark.notebook
+def test_04_anomaly_detection(tmp_path):
+    _execute(ROOT / "notebooks" / "04_anomaly_detection.ipynb", tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["setting"] == "seen-unseen"
+    assert {r["category"] for r in summary["rows"]} == {"lung", "colon", "hepatic_vessel", "healthy"}
+    assert set(summary["auroc"]) == {"lung", "colon", "hepatic_vessel"}
+    assert all(0 <= v <= 1 for v in summary["auroc"].values())
+    assert "validation split" in summary["thresholds"]["provenance"]

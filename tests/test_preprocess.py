@@ -4,7 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from diffugts_core.io import Volume, load_volume, save_volume
+from diffugts_core.io import InputError, Volume, load_volume, save_volume
+from diffugts_core.metrics import dice as dice_score
 from diffugts_core.preprocess import SpatialConfig, normalize_mri, plan_spatial, unwindow_ct, window_ct
 
 RAS = np.diag([1.5, 1.5, 3.0, 1.0])
@@ -111,3 +112,18 @@ def test_body_mask_fills_the_lungs_and_leaves_the_air_outside():
     assert body[lungs].mean() > 0.99  # air inside the chest is body
     assert (body == (case.organs > 0)).mean() > 0.98
     assert not body[0, 0, :].any()  # the corner of the field of view is outside air
+
+
+def test_model_grid_plan_resamples_to_the_model_spacing_and_slice_size():
+    from diffugts_core.preprocess import MODEL_SPACING_MM, model_grid_plan
+
+    volume = Volume(np.zeros((300, 260, 40), np.float32), np.diag([-1.0, -1.0, 2.0, 1.0]))  # LPS, 1 x 1 x 2 mm
+    plan = model_grid_plan(volume, "CT")
+    assert plan.shape == (128, 128, 20)  # 300 mm / 2.5 = 120 -> padded to 128; 80 mm / 4 = 20 slices
+    np.testing.assert_allclose(plan.spacing, MODEL_SPACING_MM["CT"], rtol=0.02)
+    assert nib.orientations.aff2axcodes(plan.affine) == ("R", "A", "S")
+    mask = blob(volume.shape, (150, 130, 20), 20)
+    back = plan.invert(plan.apply(mask, order=0), kind="mask")
+    assert back.shape == volume.shape and dice_score(back, mask) > 0.9
+    with pytest.raises(InputError, match="CT or MRI"):
+        model_grid_plan(volume, "PET")
