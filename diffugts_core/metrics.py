@@ -88,21 +88,24 @@ def _one_hot(mask: np.ndarray) -> torch.Tensor:
 
 def detection_auroc(scores, labels) -> float:
     """Case-level detection AUROC of tumor scores against 0/1 labels; tied scores count 0.5."""
-    scores_t = torch.as_tensor(np.asarray(scores, dtype=np.float64))
-    labels_np = np.asarray(labels)
-    if scores_t.ndim != 1 or labels_np.shape != tuple(scores_t.shape):
-        raise ValueError(f"scores {tuple(scores_t.shape)} and labels {labels_np.shape} must be 1D of equal length.")
-    if not np.isin(labels_np, (0, 1)).all():
-        raise ValueError(f"labels must be 0 (no tumor) or 1 (tumor), got values {np.unique(labels_np).tolist()}.")
-    if len(np.unique(labels_np)) < 2:
+    scores, labels = _checked_scores(scores, labels)
+    return float(compute_roc_auc(torch.as_tensor(scores), torch.as_tensor(labels.astype(np.int64))))
+
+
+def _checked_scores(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    if scores.ndim != 1 or labels.shape != scores.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be 1D of equal length.")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be 0 (no tumor) or 1 (tumor), got values {np.unique(labels).tolist()}.")
+    if len(np.unique(labels)) < 2:
         raise ValueError("AUROC is undefined: labels contain only one class; include tumor and tumor-free cases.")
-    return float(compute_roc_auc(scores_t, torch.as_tensor(labels_np.astype(np.int64))))
+    return scores, labels
 
 
 def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate) at every distinct score, from (0, 0) to (1, 1), for plotting."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    detection_auroc(scores, labels)  # the same input checks
+    scores, labels = _checked_scores(scores, labels)
     thresholds = np.unique(scores)[::-1]
     positives, negatives = labels.sum(), (1 - labels).sum()
     tpr = [0.0] + [float((labels[scores >= t] == 1).sum() / positives) for t in thresholds]

@@ -35,8 +35,12 @@ def view_slice(volume: np.ndarray, view: str, k: int) -> np.ndarray:
     Axial and coronal: patient right on the image's left (radiological); axial: anterior at the top;
     coronal and sagittal: superior at the top; sagittal: anterior on the left.
     """
-    plane = np.take(np.asarray(volume), k, axis=VIEW_AXES[view])
-    return plane.T[::-1, ::-1]
+    return display_plane(np.take(np.asarray(volume), k, axis=VIEW_AXES[view]))
+
+
+def display_plane(plane: np.ndarray) -> np.ndarray:
+    """A 2D array indexed (first in-plane axis, second) in RAS order, turned for display (radiological)."""
+    return np.asarray(plane).T[::-1, ::-1]
 
 
 def axial(volume: np.ndarray, k: int) -> np.ndarray:
@@ -122,7 +126,7 @@ def overlay_panels(image: np.ndarray, maps: dict[str, np.ndarray], k: int, *, mo
     fig, axes = plt.subplots(1, len(maps), figsize=(2.6 * len(maps), 2.9), squeeze=False, layout="constrained")
     extent = (-0.5, grey.shape[1] - 0.5, grey.shape[0] - 0.5, -0.5)
     for ax, (name, layer) in zip(axes[0], maps.items()):
-        plane = axial(layer, k) if np.ndim(layer) == 3 else np.asarray(layer).T[::-1, ::-1]
+        plane = axial(layer, k) if np.ndim(layer) == 3 else display_plane(layer)
         ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
         ax.imshow(plane, cmap="magma", alpha=alpha, vmin=0, vmax=vmax, extent=extent, interpolation="bilinear")
         if contour is not None and np.any(axial(contour, k)):
