@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     aova.add_argument("--heads-cache", type=Path, help="keep each setting's trained heads in DIR/<setting>/ and reuse "
                       "them when their training configuration matches")
     aova.add_argument("--json", type=Path, help="also write the rows as JSON")
+    aova.add_argument("--training-fit", action="store_true",
+                      help="also print, per setting, the mean S inside the heads' own training lesions (per stage)")
     aova.add_argument("--no-progress", action="store_true")
     aova.set_defaults(run=_run_evaluate_aova)
     return parser
@@ -347,14 +349,15 @@ def _run_detect(args) -> int:
 
 def _run_evaluate_aova(args) -> int:
     from .backbone import load_backbone
-    from .heads import SETTINGS, HeadsConfig, cached_heads, evaluate_heads, train_heads
+    from .heads import SETTINGS, HeadsConfig, cached_heads, evaluate_heads, train_heads, training_fit
     from .text import TextEncoder
 
     settings = SETTINGS if args.settings == "all" else tuple(s.strip() for s in args.settings.split(","))
     backbone = load_backbone(args.model)
     text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
     rows = []
-    print(f"{'setting':20s} {'unseen':15s} {'cases':>5s} {'DSC':>6s} {'NSD':>6s} {'AUROC':>6s} {'S in/out':>8s}")
+    print(f"{'setting':20s} {'unseen':15s} {'cases':>5s} {'DSC':>6s} {'NSD':>6s} {'AUROC':>6s} {'S in':>6s} "
+          f"{'S out':>6s} {'S in/out':>8s} {'in>out':>6s}")
     for setting in settings:
         config = HeadsConfig(setting=setting, steps=args.steps, train_per_category=args.per_category,
                              test_per_category=args.test_per_category)
@@ -367,7 +370,14 @@ def _run_evaluate_aova(args) -> int:
             row["thresholds"] = heads.thresholds.provenance
             rows.append(row)
             print(f"{setting:20s} {row['category']:15s} {row['cases']:5d} {row['dsc']:6.3f} {row['nsd']:6.3f} "
-                  f"{row['auroc']:6.3f} {row['s_in_out_ratio']:8.2f}", flush=True)
+                  f"{row['auroc']:6.3f} {row['s_in']:6.3f} {row['s_out']:6.3f} {row['s_in_out_ratio']:8.2f} "
+                  f"{row['cases_s_higher_inside']:>3d}/{row['cases']:<2d}", flush=True)
+        if args.training_fit:
+            print(f"  {setting}: mean S inside the heads' own training lesions")
+            print(f"  {'organ':10s} {'kind':10s} {'slices':>6s} {'S':>6s} {'stage1':>6s} {'stage2':>6s} {'stage3':>6s}")
+            for fit in training_fit(heads, backbone, text_encoder):
+                stages = " ".join(f"{x:6.3f}" for x in fit["s_stages"])
+                print(f"  {fit['organ']:10s} {fit['kind']:10s} {fit['slices']:6d} {fit['s']:6.3f} {stages}", flush=True)
     for key in ("dsc", "nsd", "auroc"):
         print(f"mean {key}: {np.nanmean([r[key] for r in rows]):.3f}")
     if args.json:

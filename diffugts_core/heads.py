@@ -242,8 +242,7 @@ def train_heads(backbone, text_encoder, config: HeadsConfig = HeadsConfig(), *, 
     seen, _ = setting_categories(config.setting)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    bank = build_slice_bank(backbone, split_cases(config.setting, "train", config, shape), rng=rng,
-                            synthetic=config.synthetic_anomalies, progress=progress)
+    bank = training_bank(backbone, config, rng, progress, shape)
     leaked = {c for c in bank.categories if c is not None} - set(seen)
     if leaked:  # the data loader itself is checked, not the convention
         raise RuntimeError(f"categories {sorted(leaked)} are not seen in {config.setting} but reached its training set")
@@ -258,6 +257,44 @@ def train_heads(backbone, text_encoder, config: HeadsConfig = HeadsConfig(), *, 
     validation = list(split_cases(config.setting, "validation", config, shape))
     heads.thresholds = choose_thresholds(heads, backbone, text_encoder, validation)
     return heads
+
+
+def training_bank(backbone, config: HeadsConfig, rng: np.random.Generator, progress: bool = False,
+                  shape=phantoms.DEFAULT_SHAPE) -> SliceBank:
+    """The training slices of a setting; a fresh ``default_rng(config.seed)`` gives the bank the heads were trained on."""
+    return build_slice_bank(backbone, split_cases(config.setting, "train", config, shape), rng=rng,
+                            synthetic=config.synthetic_anomalies, progress=progress)
+
+
+@torch.no_grad()
+def training_fit(heads: TrainedHeads, backbone, text_encoder, *, shape=phantoms.DEFAULT_SHAPE) -> list[dict]:
+    """How well the heads fit the lesions they were trained on: mean S inside every training lesion, aggregated and
+    per stage, by organ and kind ("real": a seen category's tumor; "synthetic"). Rebuilds the training slices."""
+    bank = training_bank(backbone, heads.config, np.random.default_rng(heads.config.seed), shape=shape)
+    prompt_sets = {m: build_prompt_set(text_encoder, m, [o for o in heads.abnormal_organs if _organ_modality(o) == m])
+                   for m in set(bank.modalities)}
+    size = tuple(bank.organs.shape[-2:])
+    values: dict[tuple[str, str], list[list[float]]] = {}
+    for index in range(len(bank.organs)):
+        lesions = bank.lesions[index].numpy()
+        if not lesions.any():
+            continue
+        prompt_set = prompt_sets[bank.modalities[index]]
+        output = heads.aova([f[index:index + 1].float() for f in bank.features], prompt_set.embeddings, size)
+        stages = [F.interpolate(m[:, prompt_set.abnormal].sum(1, keepdim=True), size=size, mode="bilinear",
+                                align_corners=False)[0, 0].numpy() for m in output.stage_maps]
+        anomaly = anomaly_map(output, prompt_set)[0].numpy()
+        category = bank.categories[index]
+        for lesion in np.unique(lesions[lesions > 0]):
+            organ, inside = LESION_ORGANS[lesion - 1], lesions == lesion
+            kind = "real" if category is not None and CATEGORY_ORGAN[category] == organ else "synthetic"
+            values.setdefault((organ, kind), []).append([float(m[inside].mean()) for m in [anomaly, *stages]])
+    rows = []
+    for (organ, kind), v in sorted(values.items()):
+        means = np.mean(v, axis=0)
+        rows.append({"organ": organ, "kind": kind, "slices": len(v), "s": float(means[0]),
+                     "s_stages": [float(x) for x in means[1:]]})
+    return rows
 
 
 def _organ_modality(organ: str) -> str:
@@ -487,6 +524,9 @@ def evaluate_heads(heads: TrainedHeads, backbone, text_encoder, config: HeadsCon
                      "dsc": float(np.mean([r["dsc"] for r in tumor_rows])),
                      "nsd": float(np.mean([r["nsd"] for r in tumor_rows])),
                      "auroc": detection_auroc(scores, labels) if healthy_rows else float("nan"),
+                     "s_in": float(np.mean([r["s_in"] for r in tumor_rows])),
+                     "s_out": float(np.mean([r["s_out"] for r in tumor_rows])),
                      "s_in_out_ratio": float(np.mean([r["s_in"] for r in tumor_rows]) /
-                                             max(np.mean([r["s_out"] for r in tumor_rows]), 1e-6))})
+                                             max(np.mean([r["s_out"] for r in tumor_rows]), 1e-6)),
+                     "cases_s_higher_inside": sum(r["s_in"] > r["s_out"] for r in tumor_rows)})
     return rows

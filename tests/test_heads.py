@@ -18,6 +18,7 @@ from diffugts_core.heads import (
     setting_categories,
     split_cases,
     train_heads,
+    training_fit,
 )
 from diffugts_core.text import TextEncoder
 
@@ -157,9 +158,22 @@ def test_save_load_round_trip(trained, backbone, tmp_path, text_encoder):
     assert "validation split" in loaded.thresholds.provenance
 
 
+def test_training_fit_reports_the_lesions_the_heads_were_trained_on(trained, backbone, text_encoder):
+    rows = training_fit(trained, backbone, text_encoder)
+    real = {r["organ"] for r in rows if r["kind"] == "real"}
+    assert real == {"liver", "kidney", "pancreas"}  # the seen categories' organs, nothing unseen
+    for row in rows:
+        assert row["slices"] > 0 and len(row["s_stages"]) == 3
+        # S is the mean of the upsampled stage maps, so its mean inside a lesion is the mean of the stages' means
+        assert row["s"] == pytest.approx(np.mean(row["s_stages"]), abs=1e-5)
+        assert 0 <= row["s"] <= 1
+    assert {r["organ"] for r in rows if r["kind"] == "synthetic"} - {"brain"}  # synthetic anomalies in CT organs too
+
+
 def test_evaluation_reports_every_unseen_category(trained, backbone, text_encoder):
     rows = evaluate_heads(trained, backbone, text_encoder)
     assert [r["category"] for r in rows] == ["lung", "colon", "hepatic_vessel"]
     for row in rows:
         assert 0 <= row["dsc"] <= 1 and 0 <= row["nsd"] <= 1 and 0 <= row["auroc"] <= 1
-        assert row["s_in_out_ratio"] > 0
+        assert row["s_in_out_ratio"] == pytest.approx(row["s_in"] / max(row["s_out"], 1e-6))
+        assert 0 <= row["cases_s_higher_inside"] <= row["cases"]
