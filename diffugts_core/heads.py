@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import phantoms
 from .aova import (CATEGORY_ORGAN, IGNORE, LESION_ORGANS, ORGAN_KEYS, AOVAHead, anomaly_map, aova_loss,
-                   build_prompt_set, organ_map, prompt_targets)
+                   build_prompt_set, organ_map, prompt_targets, stage_anomaly_maps)
 from .backbone.registry import verified_model_path
 from .detect import Detection, DetectionThresholds, Region, RegionHead, candidate_regions
 from .io import InputError, atomic_path, check_same_grid, write_text_atomic
@@ -281,8 +281,8 @@ def training_fit(heads: TrainedHeads, backbone, text_encoder, *, shape=phantoms.
             continue
         prompt_set = prompt_sets[bank.modalities[index]]
         output = heads.aova([f[index:index + 1].float() for f in bank.features], prompt_set.embeddings, size)
-        stages = [F.interpolate(m[:, prompt_set.abnormal].sum(1, keepdim=True), size=size, mode="bilinear",
-                                align_corners=False)[0, 0].numpy() for m in output.stage_maps]
+        stages = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+                  for m in stage_anomaly_maps(output, prompt_set)]
         anomaly = anomaly_map(output, prompt_set)[0].numpy()
         category = bank.categories[index]
         for lesion in np.unique(lesions[lesions > 0]):
@@ -520,13 +520,12 @@ def evaluate_heads(heads: TrainedHeads, backbone, text_encoder, config: HeadsCon
         healthy_rows = [r for r in per_case if r["category"] == "healthy" and r["organ"] == CATEGORY_ORGAN[category]]
         scores = [r["score"] for r in tumor_rows + healthy_rows]
         labels = [1] * len(tumor_rows) + [0] * len(healthy_rows)
+        s_in = float(np.mean([r["s_in"] for r in tumor_rows]))
+        s_out = float(np.mean([r["s_out"] for r in tumor_rows]))
         rows.append({"setting": heads.setting, "category": category, "cases": len(tumor_rows),
                      "dsc": float(np.mean([r["dsc"] for r in tumor_rows])),
                      "nsd": float(np.mean([r["nsd"] for r in tumor_rows])),
                      "auroc": detection_auroc(scores, labels) if healthy_rows else float("nan"),
-                     "s_in": float(np.mean([r["s_in"] for r in tumor_rows])),
-                     "s_out": float(np.mean([r["s_out"] for r in tumor_rows])),
-                     "s_in_out_ratio": float(np.mean([r["s_in"] for r in tumor_rows]) /
-                                             max(np.mean([r["s_out"] for r in tumor_rows]), 1e-6)),
+                     "s_in": s_in, "s_out": s_out, "s_in_out_ratio": s_in / max(s_out, 1e-6),
                      "cases_s_higher_inside": sum(r["s_in"] > r["s_out"] for r in tumor_rows)})
     return rows
