@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     aova.add_argument("--json", type=Path, help="also write the rows as JSON")
     aova.add_argument("--training-fit", action="store_true",
                       help="also print, per setting, the mean S inside the heads' own training lesions (per stage)")
+    aova.add_argument("--feature-probe", action="store_true",
+                      help="also print, per setting, how well the frozen features alone separate its training lesions "
+                      "from their organ (pixel AUROC of a linear probe fitted on half the cases, scored on the rest)")
     aova.add_argument("--no-progress", action="store_true")
     aova.set_defaults(run=_run_evaluate_aova)
     return parser
@@ -349,7 +352,8 @@ def _run_detect(args) -> int:
 
 def _run_evaluate_aova(args) -> int:
     from .backbone import load_backbone
-    from .heads import SETTINGS, HeadsConfig, cached_heads, evaluate_heads, train_heads, training_fit
+    from .heads import (SETTINGS, HeadsConfig, cached_heads, evaluate_heads, feature_probe, train_heads, training_bank,
+                        training_fit)
     from .text import TextEncoder
 
     settings = SETTINGS if args.settings == "all" else tuple(s.strip() for s in args.settings.split(","))
@@ -378,6 +382,13 @@ def _run_evaluate_aova(args) -> int:
             for fit in training_fit(heads, backbone, text_encoder):
                 stages = " ".join(f"{x:6.3f}" for x in fit["s_stages"])
                 print(f"  {fit['organ']:10s} {fit['kind']:10s} {fit['slices']:6d} {fit['s']:6.3f} {stages}", flush=True)
+        if args.feature_probe:
+            print(f"  {setting}: linear probe on the frozen features, lesion vs the rest of its organ (pixel AUROC)")
+            print(f"  {'organ':10s} {'kind':10s} {'cases':>5s} {'AUROC':>6s} {'+context':>8s} {'+organ-relative':>15s}")
+            bank = training_bank(backbone, config, np.random.default_rng(config.seed))
+            for probe in feature_probe(bank):
+                print(f"  {probe['organ']:10s} {probe['kind']:10s} {probe['cases']:5d} {probe['auroc']:6.3f} "
+                      f"{probe['auroc_context']:8.3f} {probe['auroc_organ_relative']:15.3f}", flush=True)
     for key in ("dsc", "nsd", "auroc"):
         print(f"mean {key}: {np.nanmean([r[key] for r in rows]):.3f}")
     if args.json:

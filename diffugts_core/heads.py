@@ -173,6 +173,7 @@ class SliceBank:
     lesions: torch.Tensor  # (N, H, W) int8: 0 none, else 1 + index in LESION_ORGANS of the lesion's organ
     categories: list[str | None]  # the source case's tumor category (None: healthy): checked for leaks
     modalities: list[str]
+    cases: list[str]  # the source case's id
 
     @property
     def tumor(self) -> torch.Tensor:
@@ -212,7 +213,7 @@ def insert_synthetic_anomaly(image: np.ndarray, organs: np.ndarray, modality: st
 def build_slice_bank(backbone, cases, *, rng: np.random.Generator, normal_slices: int = 8, synthetic: int = 3,
                      progress=False) -> SliceBank:
     """Training slices: every tumor (and synthetic anomaly) slice, plus a few others with anatomy, per case."""
-    features, organs, lesions, categories, modalities = [[], [], []], [], [], [], []
+    features, organs, lesions, categories, modalities, case_ids = [[], [], []], [], [], [], [], []
     for case in tqdm(list(cases), desc="features", disable=not progress):
         image = case.image
         lesion = np.zeros(case.organs.shape, np.int8)
@@ -231,7 +232,9 @@ def build_slice_bank(backbone, cases, *, rng: np.random.Generator, normal_slices
         lesions.append(torch.from_numpy(lesion[:, :, picked].transpose(2, 0, 1)))
         categories += [None if case.category == "healthy" else case.category] * len(picked)
         modalities += [case.modality] * len(picked)
-    return SliceBank([torch.cat(f) for f in features], torch.cat(organs), torch.cat(lesions), categories, modalities)
+        case_ids += [case.case_id] * len(picked)
+    return SliceBank([torch.cat(f) for f in features], torch.cat(organs), torch.cat(lesions), categories, modalities,
+                     case_ids)
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -295,6 +298,86 @@ def training_fit(heads: TrainedHeads, backbone, text_encoder, *, shape=phantoms.
         rows.append({"organ": organ, "kind": kind, "slices": len(v), "s": float(means[0]),
                      "s_stages": [float(x) for x in means[1:]]})
     return rows
+
+
+def feature_probe(bank: SliceBank, *, max_per_class: int = 20000, seed: int = 0) -> list[dict]:
+    """How well the frozen features alone tell a lesion from the rest of its organ, whatever head sits on them.
+
+    Per organ and kind ("real": a seen category's tumor; "synthetic"): a class-balanced logistic regression on the
+    features at each position of the finest stage's grid (coarser stages upsampled), fitted on the slices of half
+    the cases and scored as pixel AUROC on the other half. "auroc_context" adds each feature's 5x5 and 11x11
+    neighbourhood means (what a query that sees a few centimetres could use); "auroc_organ_relative" adds each
+    feature minus its mean over the organ in that slice (what a query that knows the organ's own appearance could use;
+    the organ comes from the labels here). Per-position linear queries, as in the paper, work with what "auroc" sees.
+    """
+    from .metrics import detection_auroc
+
+    size = tuple(bank.features[0].shape[-2:])
+    step = bank.organs.shape[-1] // size[-1]
+    organs, lesions = bank.organs[:, ::step, ::step].numpy(), bank.lesions[:, ::step, ::step].numpy()
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, category in enumerate(bank.categories):
+        for lesion in np.unique(lesions[index][lesions[index] > 0]):
+            organ = LESION_ORGANS[lesion - 1]
+            kind = "real" if category is not None and CATEGORY_ORGAN[category] == organ else "synthetic"
+            groups.setdefault((organ, kind), []).append(index)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (organ, kind), indices in sorted(groups.items()):
+        cases = sorted({bank.cases[i] for i in indices})
+        if len(cases) < 2:
+            continue
+        fit_cases = set(cases[::2])
+        row = {"organ": organ, "kind": kind, "cases": len(cases)}
+        for name in ("auroc", "auroc_context", "auroc_organ_relative"):
+            data = {True: ([], []), False: ([], [])}  # fit / score -> (features, labels)
+            for index in indices:
+                features = torch.cat([F.interpolate(f[index:index + 1].float(), size=size, mode="bilinear",
+                                                    align_corners=False) for f in bank.features], 1)
+                modality = bank.modalities[index]
+                organ_mask = np.isin(organs[index], [phantoms.ORGAN_LABELS[n] for n in ORGAN_KEYS[modality][organ]])
+                inside = lesions[index] == 1 + LESION_ORGANS.index(organ)
+                outside = organ_mask & (lesions[index] == 0)
+                if name == "auroc_context":
+                    features = torch.cat([features, *(F.avg_pool2d(features, k, 1, k // 2, count_include_pad=False)
+                                                      for k in (5, 11))], 1)
+                elif name == "auroc_organ_relative":  # minus the mean over the organ as seen, lesion included
+                    region = torch.from_numpy(organ_mask | inside)
+                    features = torch.cat([features, features - features[0][:, region].mean(1)[None, :, None, None]], 1)
+                for mask, label in ((inside, 1), (outside, 0)):
+                    features_at = features[0][:, torch.from_numpy(mask)].T
+                    data[bank.cases[index] in fit_cases][0].append(features_at)
+                    data[bank.cases[index] in fit_cases][1].append(torch.full((len(features_at),), float(label)))
+            (x_fit, y_fit), (x_score, y_score) = [(torch.cat(d[0]), torch.cat(d[1])) for d in (data[True], data[False])]
+            if y_fit.min() == y_fit.max() or y_score.min() == y_score.max():
+                row[name] = float("nan")
+                continue
+            keep = np.concatenate([rng.permutation(np.flatnonzero(y_fit.numpy() == c))[:max_per_class] for c in (0, 1)])
+            weights = _fit_logistic(x_fit[keep], y_fit[keep])
+            row[name] = detection_auroc((x_score @ weights[:-1] + weights[-1]).numpy(), y_score.numpy().astype(int))
+        rows.append(row)
+    return rows
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3) -> torch.Tensor:
+    """Class-balanced L2 logistic regression (L-BFGS) -> (weights..., bias) in the original feature units."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    balance = torch.where(y > 0, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
+    parameters = torch.zeros(x.shape[1] + 1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([parameters], max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        logits = z @ parameters[:-1] + parameters[-1]
+        value = (balance * F.binary_cross_entropy_with_logits(logits, y, reduction="none")).mean()
+        value = value + l2 * parameters[:-1].square().sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    weights = parameters.detach()[:-1] / std
+    return torch.cat([weights, (parameters.detach()[-1] - (weights * mean).sum())[None]])
 
 
 def _organ_modality(organ: str) -> str:

@@ -8,12 +8,16 @@ import pytest
 from diffugts_core import heads as heads_module
 from diffugts_core import phantoms
 from diffugts_core.backbone import load_backbone
-from diffugts_core.aova import AOVAHead, build_prompt_set, prompt_targets
+import torch
+
+from diffugts_core.aova import LESION_ORGANS, AOVAHead, build_prompt_set, prompt_targets
 from diffugts_core.heads import (
     SETTINGS,
     HeadsConfig,
+    SliceBank,
     TrainedHeads,
     evaluate_heads,
+    feature_probe,
     run_aova,
     setting_categories,
     split_cases,
@@ -177,3 +181,29 @@ def test_evaluation_reports_every_unseen_category(trained, backbone, text_encode
         assert 0 <= row["dsc"] <= 1 and 0 <= row["nsd"] <= 1 and 0 <= row["auroc"] <= 1
         assert row["s_in_out_ratio"] == pytest.approx(row["s_in"] / max(row["s_out"], 1e-6))
         assert 0 <= row["cases_s_higher_inside"] <= row["cases"]
+
+
+def _probe_bank(sign_in_scored_cases: float, signal: float = 2.0) -> SliceBank:
+    """4 liver cases x 2 slices; stage-1 channel 0 is +signal on the lesion in cases a and c (the probe fits on
+    every other case) and sign_in_scored_cases * signal on the lesion in b and d; all else is noise."""
+    generator = torch.Generator().manual_seed(0)
+    organs = torch.zeros(8, 16, 16, dtype=torch.int16)
+    organs[:, 2:14, 2:14] = phantoms.ORGAN_LABELS["liver"]
+    lesions = torch.zeros(8, 16, 16, dtype=torch.int8)
+    lesions[:, 4:10, 6:12] = 1 + LESION_ORGANS.index("liver")
+    cases = [c for c in "abcd" for _ in range(2)]
+    features = [0.3 * torch.randn(8, c, s, s, generator=generator) for c, s in ((4, 8), (4, 4), (4, 4))]
+    for index, case in enumerate(cases):
+        sign = 1.0 if case in "ac" else sign_in_scored_cases
+        features[0][index, 0] += sign * signal * (lesions[index, ::2, ::2] > 0).float()
+    return SliceBank(features, organs, lesions, ["liver"] * 8, ["CT"] * 8, cases)
+
+
+def test_feature_probe_scores_on_cases_it_was_not_fitted_on():
+    consistent, = feature_probe(_probe_bank(+1.0))
+    assert (consistent["organ"], consistent["kind"], consistent["cases"]) == ("liver", "real", 4)
+    assert consistent["auroc"] > 0.95 and consistent["auroc_organ_relative"] > 0.95
+    flipped, = feature_probe(_probe_bank(-1.0))  # what the fitted cases teach is wrong on the scored ones
+    assert flipped["auroc"] < 0.05
+    noise, = feature_probe(_probe_bank(+1.0, signal=0.0))
+    assert 0.3 < noise["auroc"] < 0.7
