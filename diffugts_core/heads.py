@@ -287,11 +287,9 @@ def training_fit(heads: TrainedHeads, backbone, text_encoder, *, shape=phantoms.
         stages = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
                   for m in stage_anomaly_maps(output, prompt_set)]
         anomaly = anomaly_map(output, prompt_set)[0].numpy()
-        category = bank.categories[index]
         for lesion in np.unique(lesions[lesions > 0]):
             organ, inside = LESION_ORGANS[lesion - 1], lesions == lesion
-            kind = "real" if category is not None and CATEGORY_ORGAN[category] == organ else "synthetic"
-            values.setdefault((organ, kind), []).append([float(m[inside].mean()) for m in [anomaly, *stages]])
+            values.setdefault((organ, _lesion_kind(bank.categories[index], organ)), []).append([float(m[inside].mean()) for m in [anomaly, *stages]])
     rows = []
     for (organ, kind), v in sorted(values.items()):
         means = np.mean(v, axis=0)
@@ -319,8 +317,7 @@ def feature_probe(bank: SliceBank, *, max_per_class: int = 20000, seed: int = 0)
     for index, category in enumerate(bank.categories):
         for lesion in np.unique(lesions[index][lesions[index] > 0]):
             organ = LESION_ORGANS[lesion - 1]
-            kind = "real" if category is not None and CATEGORY_ORGAN[category] == organ else "synthetic"
-            groups.setdefault((organ, kind), []).append(index)
+            groups.setdefault((organ, _lesion_kind(category, organ)), []).append(index)
     rng = np.random.default_rng(seed)
     rows = []
     for (organ, kind), indices in sorted(groups.items()):
@@ -328,27 +325,27 @@ def feature_probe(bank: SliceBank, *, max_per_class: int = 20000, seed: int = 0)
         if len(cases) < 2:
             continue
         fit_cases = set(cases[::2])
+        # per probe, fit / score -> (features, labels) of every lesion and organ position
+        data = {name: {True: ([], []), False: ([], [])} for name in ("auroc", "auroc_context", "auroc_organ_relative")}
+        for index in indices:
+            features = torch.cat([F.interpolate(f[index:index + 1].float(), size=size, mode="bilinear",
+                                                align_corners=False) for f in bank.features], 1)
+            organ_mask = np.isin(organs[index], [phantoms.ORGAN_LABELS[n]
+                                                 for n in ORGAN_KEYS[bank.modalities[index]][organ]])
+            inside = lesions[index] == 1 + LESION_ORGANS.index(organ)
+            organ_mean = features[0][:, torch.from_numpy(organ_mask | inside)].mean(1)  # the organ as seen
+            probes = {"auroc": features,
+                      "auroc_context": torch.cat([features, *(F.avg_pool2d(features, k, 1, k // 2,
+                                                                           count_include_pad=False) for k in (5, 11))], 1),
+                      "auroc_organ_relative": torch.cat([features, features - organ_mean[None, :, None, None]], 1)}
+            for name, probe in probes.items():
+                for mask, label in ((inside, 1), (organ_mask & (lesions[index] == 0), 0)):
+                    features_at = probe[0][:, torch.from_numpy(mask)].T
+                    data[name][bank.cases[index] in fit_cases][0].append(features_at)
+                    data[name][bank.cases[index] in fit_cases][1].append(torch.full((len(features_at),), float(label)))
         row = {"organ": organ, "kind": kind, "cases": len(cases)}
-        for name in ("auroc", "auroc_context", "auroc_organ_relative"):
-            data = {True: ([], []), False: ([], [])}  # fit / score -> (features, labels)
-            for index in indices:
-                features = torch.cat([F.interpolate(f[index:index + 1].float(), size=size, mode="bilinear",
-                                                    align_corners=False) for f in bank.features], 1)
-                modality = bank.modalities[index]
-                organ_mask = np.isin(organs[index], [phantoms.ORGAN_LABELS[n] for n in ORGAN_KEYS[modality][organ]])
-                inside = lesions[index] == 1 + LESION_ORGANS.index(organ)
-                outside = organ_mask & (lesions[index] == 0)
-                if name == "auroc_context":
-                    features = torch.cat([features, *(F.avg_pool2d(features, k, 1, k // 2, count_include_pad=False)
-                                                      for k in (5, 11))], 1)
-                elif name == "auroc_organ_relative":  # minus the mean over the organ as seen, lesion included
-                    region = torch.from_numpy(organ_mask | inside)
-                    features = torch.cat([features, features - features[0][:, region].mean(1)[None, :, None, None]], 1)
-                for mask, label in ((inside, 1), (outside, 0)):
-                    features_at = features[0][:, torch.from_numpy(mask)].T
-                    data[bank.cases[index] in fit_cases][0].append(features_at)
-                    data[bank.cases[index] in fit_cases][1].append(torch.full((len(features_at),), float(label)))
-            (x_fit, y_fit), (x_score, y_score) = [(torch.cat(d[0]), torch.cat(d[1])) for d in (data[True], data[False])]
+        for name, splits in data.items():
+            (x_fit, y_fit), (x_score, y_score) = [(torch.cat(x), torch.cat(y)) for x, y in (splits[True], splits[False])]
             if y_fit.min() == y_fit.max() or y_score.min() == y_score.max():
                 row[name] = float("nan")
                 continue
@@ -378,6 +375,11 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3) -> torch.T
     optimizer.step(loss)
     weights = parameters.detach()[:-1] / std
     return torch.cat([weights, (parameters.detach()[-1] - (weights * mean).sum())[None]])
+
+
+def _lesion_kind(category: str | None, organ: str) -> str:
+    """A lesion in a slice bank: "real" (the tumor of its case's category) or "synthetic"."""
+    return "real" if category is not None and CATEGORY_ORGAN[category] == organ else "synthetic"
 
 
 def _organ_modality(organ: str) -> str:
