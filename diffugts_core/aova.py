@@ -148,13 +148,18 @@ def organ_map(output: AOVAOutput, prompt_set: PromptSet, organ: str) -> torch.Te
     return output.maps[:, prompt_set.organ_channels(organ)].sum(1)
 
 
+def organ_voxels(organs: np.ndarray, modality: str, organ: str) -> np.ndarray:
+    """Where a prompt organ is in a PhantomBench label map: the union of its labels (``ORGAN_KEYS``)."""
+    return np.isin(organs, [phantoms.ORGAN_LABELS[name] for name in ORGAN_KEYS[modality][organ]])
+
+
 def prompt_targets(organs: np.ndarray, lesions: dict[str, np.ndarray], prompt_set: PromptSet) -> np.ndarray:
     """Per-voxel index of the prompt that should win: background, the organ's normal prompt, or, where
     ``lesions[organ]`` is set, that organ's abnormal prompt (which must be in the set). Air outside
     the body is ``IGNORE``: it looks like lung, and which prompt claims it does not matter."""
     target = np.where(organs > 0, prompt_set.index(BACKGROUND), IGNORE).astype(np.int64)
-    for organ, labels in ORGAN_KEYS[prompt_set.modality].items():
-        target[np.isin(organs, [phantoms.ORGAN_LABELS[name] for name in labels])] = prompt_set.index(f"{organ}:normal")
+    for organ in ORGAN_KEYS[prompt_set.modality]:
+        target[organ_voxels(organs, prompt_set.modality, organ)] = prompt_set.index(f"{organ}:normal")
     for organ, mask in lesions.items():
         if not np.any(mask):
             continue

@@ -376,16 +376,17 @@ def _run_evaluate_aova(args) -> int:
             print(f"{setting:20s} {row['category']:15s} {row['cases']:5d} {row['dsc']:6.3f} {row['nsd']:6.3f} "
                   f"{row['auroc']:6.3f} {row['s_in']:6.3f} {row['s_out']:6.3f} {row['s_in_out_ratio']:8.2f} "
                   f"{row['cases_s_higher_inside']:>3d}/{row['cases']:<2d}", flush=True)
+        bank = (training_bank(backbone, config, np.random.default_rng(config.seed))
+                if args.training_fit or args.feature_probe else None)  # built once for both diagnostics
         if args.training_fit:
             print(f"  {setting}: mean S inside the heads' own training lesions")
             print(f"  {'organ':10s} {'kind':10s} {'slices':>6s} {'S':>6s} {'stage1':>6s} {'stage2':>6s} {'stage3':>6s}")
-            for fit in training_fit(heads, backbone, text_encoder):
+            for fit in training_fit(heads, backbone, text_encoder, bank=bank):
                 stages = " ".join(f"{x:6.3f}" for x in fit["s_stages"])
                 print(f"  {fit['organ']:10s} {fit['kind']:10s} {fit['slices']:6d} {fit['s']:6.3f} {stages}", flush=True)
         if args.feature_probe:
             print(f"  {setting}: linear probe on the frozen features, lesion vs the rest of its organ (pixel AUROC)")
             print(f"  {'organ':10s} {'kind':10s} {'cases':>5s} {'AUROC':>6s} {'+context':>8s} {'+organ-relative':>15s}")
-            bank = training_bank(backbone, config, np.random.default_rng(config.seed))
             for probe in feature_probe(bank):
                 print(f"  {probe['organ']:10s} {probe['kind']:10s} {probe['cases']:5d} {probe['auroc']:6.3f} "
                       f"{probe['auroc_context']:8.3f} {probe['auroc_organ_relative']:15.3f}", flush=True)

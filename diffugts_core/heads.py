@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import phantoms
 from .aova import (CATEGORY_ORGAN, IGNORE, LESION_ORGANS, ORGAN_KEYS, AOVAHead, anomaly_map, aova_loss,
-                   build_prompt_set, organ_map, prompt_targets, stage_anomaly_maps)
+                   build_prompt_set, organ_map, organ_voxels, prompt_targets, stage_anomaly_maps)
 from .backbone.registry import verified_model_path
 from .detect import Detection, DetectionThresholds, Region, RegionHead, candidate_regions
 from .io import InputError, atomic_path, check_same_grid, write_text_atomic
@@ -185,8 +185,7 @@ class SliceBank:
 
 def insert_synthetic_anomaly(image: np.ndarray, organs: np.ndarray, modality: str, spacing, rng):
     """A smooth random blob in a random organ, brighter or darker than it: (image, mask, organ key)."""
-    present = [(key, np.isin(organs, [phantoms.ORGAN_LABELS[n] for n in names]))
-               for key, names in ORGAN_KEYS[modality].items()]
+    present = [(key, organ_voxels(organs, modality, key)) for key in ORGAN_KEYS[modality]]
     present = [(key, mask) for key, mask in present if mask.sum() > 200]
     key, organ = present[rng.integers(len(present))]
     depth = ndimage.distance_transform_edt(organ, sampling=spacing)
@@ -270,10 +269,13 @@ def training_bank(backbone, config: HeadsConfig, rng: np.random.Generator, progr
 
 
 @torch.no_grad()
-def training_fit(heads: TrainedHeads, backbone, text_encoder, *, shape=phantoms.DEFAULT_SHAPE) -> list[dict]:
+def training_fit(heads: TrainedHeads, backbone, text_encoder, *, bank: SliceBank | None = None,
+                 shape=phantoms.DEFAULT_SHAPE) -> list[dict]:
     """How well the heads fit the lesions they were trained on: mean S inside every training lesion, aggregated and
-    per stage, by organ and kind ("real": a seen category's tumor; "synthetic"). Rebuilds the training slices."""
-    bank = training_bank(backbone, heads.config, np.random.default_rng(heads.config.seed), shape=shape)
+    per stage, by organ and kind ("real": a seen category's tumor; "synthetic"). Rebuilds the training slices unless
+    ``bank`` (from ``training_bank`` with the heads' config and seed) is given."""
+    if bank is None:
+        bank = training_bank(backbone, heads.config, np.random.default_rng(heads.config.seed), shape=shape)
     prompt_sets = {m: build_prompt_set(text_encoder, m, [o for o in heads.abnormal_organs if _organ_modality(o) == m])
                    for m in set(bank.modalities)}
     size = tuple(bank.organs.shape[-2:])
@@ -289,7 +291,8 @@ def training_fit(heads: TrainedHeads, backbone, text_encoder, *, shape=phantoms.
         anomaly = anomaly_map(output, prompt_set)[0].numpy()
         for lesion in np.unique(lesions[lesions > 0]):
             organ, inside = LESION_ORGANS[lesion - 1], lesions == lesion
-            values.setdefault((organ, _lesion_kind(bank.categories[index], organ)), []).append([float(m[inside].mean()) for m in [anomaly, *stages]])
+            means = [float(m[inside].mean()) for m in [anomaly, *stages]]
+            values.setdefault((organ, _lesion_kind(bank.categories[index], organ)), []).append(means)
     rows = []
     for (organ, kind), v in sorted(values.items()):
         means = np.mean(v, axis=0)
@@ -330,22 +333,22 @@ def feature_probe(bank: SliceBank, *, max_per_class: int = 20000, seed: int = 0)
         for index in indices:
             features = torch.cat([F.interpolate(f[index:index + 1].float(), size=size, mode="bilinear",
                                                 align_corners=False) for f in bank.features], 1)
-            organ_mask = np.isin(organs[index], [phantoms.ORGAN_LABELS[n]
-                                                 for n in ORGAN_KEYS[bank.modalities[index]][organ]])
+            organ_mask = organ_voxels(organs[index], bank.modalities[index], organ)
             inside = lesions[index] == 1 + LESION_ORGANS.index(organ)
             organ_mean = features[0][:, torch.from_numpy(organ_mask | inside)].mean(1)  # the organ as seen
-            probes = {"auroc": features,
-                      "auroc_context": torch.cat([features, *(F.avg_pool2d(features, k, 1, k // 2,
-                                                                           count_include_pad=False) for k in (5, 11))], 1),
+            neighbourhoods = [F.avg_pool2d(features, k, 1, k // 2, count_include_pad=False) for k in (5, 11)]
+            probes = {"auroc": features, "auroc_context": torch.cat([features, *neighbourhoods], 1),
                       "auroc_organ_relative": torch.cat([features, features - organ_mean[None, :, None, None]], 1)}
+            split = bank.cases[index] in fit_cases  # True: fit, False: score
             for name, probe in probes.items():
                 for mask, label in ((inside, 1), (organ_mask & (lesions[index] == 0), 0)):
                     features_at = probe[0][:, torch.from_numpy(mask)].T
-                    data[name][bank.cases[index] in fit_cases][0].append(features_at)
-                    data[name][bank.cases[index] in fit_cases][1].append(torch.full((len(features_at),), float(label)))
+                    data[name][split][0].append(features_at)
+                    data[name][split][1].append(torch.full((len(features_at),), float(label)))
         row = {"organ": organ, "kind": kind, "cases": len(cases)}
         for name, splits in data.items():
-            (x_fit, y_fit), (x_score, y_score) = [(torch.cat(x), torch.cat(y)) for x, y in (splits[True], splits[False])]
+            (x_fit, y_fit), (x_score, y_score) = [(torch.cat(x), torch.cat(y))
+                                                  for x, y in (splits[True], splits[False])]
             if y_fit.min() == y_fit.max() or y_score.min() == y_score.max():
                 row[name] = float("nan")
                 continue
