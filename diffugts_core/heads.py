@@ -36,7 +36,7 @@ from .backbone.registry import verified_model_path
 from .detect import Detection, DetectionThresholds, Region, RegionHead, candidate_regions
 from .io import InputError, atomic_path, check_same_grid, write_text_atomic
 from .manifests import category_role
-from .metrics import dice
+from .metrics import detection_auroc, dice, surface_dice
 from .preprocess import body_mask, model_grid_plan
 
 SETTINGS = tuple(f"loo-{c}" for c in phantoms.CT_CATEGORIES) + ("seen-unseen", "ct-mri")
@@ -311,8 +311,6 @@ def feature_probe(bank: SliceBank, *, max_per_class: int = 20000, seed: int = 0)
     feature minus its mean over the organ in that slice (what a query that knows the organ's own appearance could use;
     the organ comes from the labels here). Per-position linear queries, as in the paper, work with what "auroc" sees.
     """
-    from .metrics import detection_auroc
-
     size = tuple(bank.features[0].shape[-2:])
     step = bank.organs.shape[-1] // size[-1]
     organs, lesions = bank.organs[:, ::step, ::step].numpy(), bank.lesions[:, ::step, ::step].numpy()
@@ -579,8 +577,6 @@ def choose_thresholds(heads: TrainedHeads, backbone, text_encoder, cases) -> Det
 def evaluate_heads(heads: TrainedHeads, backbone, text_encoder, config: HeadsConfig | None = None, *,
                    tolerance_mm: float = 2.0, progress: bool = False, shape=phantoms.DEFAULT_SHAPE) -> list[dict]:
     """AOVA-only results on the setting's unseen categories (test split): one row per category."""
-    from .metrics import detection_auroc, surface_dice
-
     config = config or heads.config
     cases = list(split_cases(heads.setting, "test", config, shape))
     per_case = []

@@ -4,12 +4,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from diffugts_core import heads as heads_module
 from diffugts_core import phantoms
 from diffugts_core.backbone import load_backbone
-import torch
-
 from diffugts_core.aova import LESION_ORGANS, AOVAHead, build_prompt_set, prompt_targets
 from diffugts_core.heads import (
     SETTINGS,
