@@ -138,12 +138,15 @@ def cached_heads(folder: Path, config: HeadsConfig) -> TrainedHeads | None:
 
 # ---- data --------------------------------------------------------------------------------------
 
-def split_cases(setting: str, split: str, config: HeadsConfig, shape=phantoms.DEFAULT_SHAPE):
-    """PhantomBench cases of a split. Train and validation hold seen categories + healthy only."""
+def split_cases(setting: str, split: str, config: HeadsConfig, shape=phantoms.DEFAULT_SHAPE, *,
+                test_role: str = "unseen"):
+    """PhantomBench cases of a split. Train and validation hold seen categories + healthy only. The test split holds
+    the unseen categories, or with ``test_role="seen"`` test cases of the seen ones (for a supervised upper bound)."""
     seen, unseen = setting_categories(setting)
     seed = SEEDS[split]
     if split == "test":
-        categories, per_category, healthy = unseen, config.test_per_category, config.test_per_category
+        categories = {"unseen": unseen, "seen": seen}[test_role]
+        per_category = healthy = config.test_per_category
     else:
         categories = seen
         per_category = config.train_per_category if split == "train" else config.validation_per_category
@@ -575,16 +578,22 @@ def choose_thresholds(heads: TrainedHeads, backbone, text_encoder, cases) -> Det
 # ---- evaluation -------------------------------------------------------------------------------
 
 def evaluate_heads(heads: TrainedHeads, backbone, text_encoder, config: HeadsConfig | None = None, *,
-                   tolerance_mm: float = 2.0, progress: bool = False, shape=phantoms.DEFAULT_SHAPE) -> list[dict]:
-    """AOVA-only results on the setting's unseen categories (test split): one row per category."""
+                   role: str = "unseen", tolerance_mm: float = 2.0, progress: bool = False,
+                   shape=phantoms.DEFAULT_SHAPE) -> list[dict]:
+    """AOVA-only results on the setting's unseen categories (test split): one row per category.
+
+    ``role="seen"`` scores test cases of the categories the heads *were* trained on instead: the supervised upper bound
+    of the zero-shot figures, on the same frozen model with the same recipe (the test split's seed is not the training
+    seed, so the cases themselves are new)."""
     config = config or heads.config
-    cases = list(split_cases(heads.setting, "test", config, shape))
+    categories = dict(zip(("seen", "unseen"), setting_categories(heads.setting)))[role]
+    cases = list(split_cases(heads.setting, "test", config, shape, test_role=role))
     per_case = []
     for case in tqdm(cases, desc=f"test {heads.setting}", disable=not progress):
         organ = CATEGORY_ORGAN.get(case.category) or ("brain" if case.modality == "MRI" else None)
         organs = [organ] if organ else []
-        if case.category == "healthy":  # a healthy case is scored once per unseen organ of its region
-            organs = [CATEGORY_ORGAN[c] for c in setting_categories(heads.setting)[1]
+        if case.category == "healthy":  # a healthy case is scored once per evaluated organ of its region
+            organs = [CATEGORY_ORGAN[c] for c in categories
                       if phantoms.CATEGORY_REGION.get(c, "abdomen") == case.region]
         features = volume_features(backbone, case.image, case.modality)
         for organ in dict.fromkeys(organs):
@@ -599,14 +608,14 @@ def evaluate_heads(heads: TrainedHeads, backbone, text_encoder, config: HeadsCon
                            s_in=float(inside), s_out=float(outside))
             per_case.append(row)
     rows = []
-    for category in setting_categories(heads.setting)[1]:
+    for category in categories:
         tumor_rows = [r for r in per_case if r["category"] == category]
         healthy_rows = [r for r in per_case if r["category"] == "healthy" and r["organ"] == CATEGORY_ORGAN[category]]
         scores = [r["score"] for r in tumor_rows + healthy_rows]
         labels = [1] * len(tumor_rows) + [0] * len(healthy_rows)
         s_in = float(np.mean([r["s_in"] for r in tumor_rows]))
         s_out = float(np.mean([r["s_out"] for r in tumor_rows]))
-        rows.append({"setting": heads.setting, "category": category, "cases": len(tumor_rows),
+        rows.append({"setting": heads.setting, "category": category, "role": role, "cases": len(tumor_rows),
                      "dsc": float(np.mean([r["dsc"] for r in tumor_rows])),
                      "nsd": float(np.mean([r["nsd"] for r in tumor_rows])),
                      "auroc": detection_auroc(scores, labels) if healthy_rows else float("nan"),

@@ -117,6 +117,26 @@ def test_detect_writes_the_anomaly_map_over_the_tumor_in_the_input_grid(tmp_path
     assert (tmp_path / "case.nii.gz").exists()  # the input is untouched
 
 
+def test_evaluate_aova_reuses_cached_heads_and_reports_the_upper_bound(tmp_path, capsys):
+    from diffugts_core.heads import heads_folder
+
+    cache = tmp_path / "cache" / "seen-unseen"
+    cache.mkdir(parents=True)
+    for name in ("heads.json", "heads.safetensors"):  # the shipped heads were trained with the CLI's defaults
+        (cache / name).write_bytes((heads_folder("default") / name).read_bytes())
+    assert main(["evaluate-aova", "--settings", "seen-unseen", "--heads-cache", str(tmp_path / "cache"),
+                 "--test-per-category", "1", "--upper-bound", "--json", str(tmp_path / "rows.json"),
+                 "--no-progress"]) == 0
+    assert "supervised upper bound" in capsys.readouterr().out
+    shipped = (heads_folder("default") / "heads.safetensors").read_bytes()
+    assert (cache / "heads.safetensors").read_bytes() == shipped  # reused, not retrained
+    rows = {(r["category"], r["role"]): r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert set(rows) == {("lung", "unseen"), ("colon", "unseen"), ("hepatic_vessel", "unseen"),
+                         ("liver", "seen"), ("kidney", "seen"), ("pancreas", "seen")}
+    liver = rows["liver", "seen"]
+    assert liver["s_in"] > 3 * liver["s_out"] and liver["cases"] == 1  # the heads find what they were trained on
+
+
 def test_detect_bad_input_is_a_clean_error(tmp_path, capsys):
     assert main(["detect", str(tmp_path / "missing.nii.gz"), "--organ", "liver", "-o", str(tmp_path / "out")]) == 2
     assert "missing.nii.gz" in capsys.readouterr().err

@@ -64,6 +64,10 @@ def test_held_out_categories_never_reach_training_or_validation(setting):
         assert categories - {"healthy"} == set(seen)
         assert "healthy" in categories  # normal anatomy is part of training
     assert {c.category for c in split_cases(setting, "test", config, SHAPE)} - {"healthy"} == set(unseen)
+    upper_bound = list(split_cases(setting, "test", config, SHAPE, test_role="seen"))
+    assert {c.category for c in upper_bound} - {"healthy"} == set(seen)
+    training = list(split_cases(setting, "train", config, SHAPE))  # the upper bound scores new cases of seen types
+    assert not any(np.array_equal(a.image, b.image) for a in upper_bound for b in training)
 
 
 def test_a_leak_in_the_data_loader_is_caught(monkeypatch, text_encoder):
@@ -175,11 +179,19 @@ def test_training_fit_reports_the_lesions_the_heads_were_trained_on(trained, bac
 
 def test_evaluation_reports_every_unseen_category(trained, backbone, text_encoder):
     rows = evaluate_heads(trained, backbone, text_encoder)
-    assert [r["category"] for r in rows] == ["lung", "colon", "hepatic_vessel"]
+    assert [(r["category"], r["role"]) for r in rows] == [("lung", "unseen"), ("colon", "unseen"),
+                                                          ("hepatic_vessel", "unseen")]
     for row in rows:
         assert 0 <= row["dsc"] <= 1 and 0 <= row["nsd"] <= 1 and 0 <= row["auroc"] <= 1
         assert row["s_in_out_ratio"] == pytest.approx(row["s_in"] / max(row["s_out"], 1e-6))
         assert 0 <= row["cases_s_higher_inside"] <= row["cases"]
+
+
+def test_upper_bound_reports_the_seen_categories(trained, backbone, text_encoder):
+    rows = evaluate_heads(trained, backbone, text_encoder, role="seen")
+    assert [(r["category"], r["role"]) for r in rows] == [("liver", "seen"), ("kidney", "seen"), ("pancreas", "seen")]
+    liver = rows[0]
+    assert liver["s_in"] > 2 * liver["s_out"], liver  # what the heads were trained on, on a new case
 
 
 def _probe_bank(sign_in_scored_cases: float, signal: float = 2.0) -> SliceBank:
