@@ -53,6 +53,13 @@ def setting_categories(setting: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (tuple(c for c, r in roles.items() if r == "train"), tuple(c for c, r in roles.items() if r == "test"))
 
 
+def role_categories(setting: str, role: str) -> tuple[str, ...]:
+    """The categories a setting's heads see in training (``"seen"``) or meet only at test time (``"unseen"``)."""
+    if role not in ("seen", "unseen"):
+        raise ValueError(f"role must be 'seen' or 'unseen', not {role!r}")
+    return setting_categories(setting)[role == "unseen"]
+
+
 @dataclass
 class HeadsConfig:
     setting: str = "seen-unseen"
@@ -142,13 +149,12 @@ def split_cases(setting: str, split: str, config: HeadsConfig, shape=phantoms.DE
                 test_role: str = "unseen"):
     """PhantomBench cases of a split. Train and validation hold seen categories + healthy only. The test split holds
     the unseen categories, or with ``test_role="seen"`` test cases of the seen ones (for a supervised upper bound)."""
-    seen, unseen = setting_categories(setting)
     seed = SEEDS[split]
     if split == "test":
-        categories = {"unseen": unseen, "seen": seen}[test_role]
+        categories = role_categories(setting, test_role)
         per_category = healthy = config.test_per_category
     else:
-        categories = seen
+        categories = role_categories(setting, "seen")
         per_category = config.train_per_category if split == "train" else config.validation_per_category
         healthy = config.healthy_per_region if split == "train" else 1
     regions = sorted({phantoms.CATEGORY_REGION.get(c, "abdomen") for c in categories})
@@ -586,7 +592,7 @@ def evaluate_heads(heads: TrainedHeads, backbone, text_encoder, config: HeadsCon
     of the zero-shot figures, on the same frozen model with the same recipe (the test split's seed is not the training
     seed, so the cases themselves are new)."""
     config = config or heads.config
-    categories = dict(zip(("seen", "unseen"), setting_categories(heads.setting)))[role]
+    categories = role_categories(heads.setting, role)
     cases = list(split_cases(heads.setting, "test", config, shape, test_role=role))
     per_case = []
     for case in tqdm(cases, desc=f"test {heads.setting}", disable=not progress):
