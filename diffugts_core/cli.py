@@ -374,13 +374,11 @@ def _run_evaluate_aova(args) -> int:
             if args.heads_cache:
                 heads.save(args.heads_cache / setting)
         for row in evaluate_heads(heads, backbone, text_encoder, config):
-            row["thresholds"] = heads.thresholds.provenance
             rows.append(row)
             print(f"{setting:20s} {_aova_row(row)}", flush=True)
         if args.upper_bound:
             print(f"  {setting}: the same heads on test cases of their seen categories (supervised upper bound)")
             for row in evaluate_heads(heads, backbone, text_encoder, config, role="seen"):
-                row["thresholds"] = heads.thresholds.provenance
                 upper_bound_rows.append(row)
                 print(f"  {'seen':18s} {_aova_row(row)}", flush=True)
         bank = (training_bank(backbone, config, np.random.default_rng(config.seed))

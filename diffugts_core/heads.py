@@ -626,5 +626,6 @@ def evaluate_heads(heads: TrainedHeads, backbone, text_encoder, config: HeadsCon
                      "nsd": float(np.mean([r["nsd"] for r in tumor_rows])),
                      "auroc": detection_auroc(scores, labels) if healthy_rows else float("nan"),
                      "s_in": s_in, "s_out": s_out, "s_in_out_ratio": s_in / max(s_out, 1e-6),
-                     "cases_s_higher_inside": sum(r["s_in"] > r["s_out"] for r in tumor_rows)})
+                     "cases_s_higher_inside": sum(r["s_in"] > r["s_out"] for r in tumor_rows),
+                     "thresholds": heads.thresholds.provenance})
     return rows
