@@ -4,8 +4,9 @@ Stages (one module each): ``io`` (NIfTI in/out), ``preprocess`` (orientation, sp
 ``phantoms`` (PhantomBench), ``manifests`` (real datasets), ``text`` (text encoder, prompts),
 ``backbone`` (the frozen foundation diffusion model), ``aova`` (anomaly-aware attention maps),
 ``detect`` (region-level detection), ``heads`` (training and running the small heads per zero-shot
-setting), ``inpaint`` (pseudo-healthy synthesis),
-``metrics`` (DSC, NSD, AUROC), ``viz`` (pictures), ``cli`` (the ``diffugts`` command).
+setting), ``inpaint`` (pseudo-healthy synthesis), ``residual`` (pixel and feature residuals, the residual head),
+``pipeline`` (all stages composed, volume in, mask out), ``metrics`` (DSC, NSD, AUROC), ``benchmark`` (speed),
+``viz`` (pictures), ``cli`` (the ``diffugts`` command).
 """
 
 __version__ = "0.1.0"
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 from .backbone import load_backbone
 from .heads import HeadsConfig, TrainedHeads, detect_case, detect_volume, load_heads, run_aova, train_heads
 from .inpaint import InpaintConfig, pseudo_healthy
+from .pipeline import DiffuGTSPipeline, SegmentationResult
+from .residual import ResidualConfig, TrainedResidualHead, train_residual_head
 from .io import CaseRecord, InputError, Volume, load_image_and_label, load_volume, save_volume
 from .manifests import list_manifests, load_dataset, load_manifest, load_organ_mask, load_tumor_mask
 from .metrics import detection_auroc, dice, evaluate_folders, evaluate_pair, roc_curve, summarize, surface_dice
@@ -22,11 +25,12 @@ from .text import TextEncoder
 from .viz import SliceViewer, case_grid, montage, save_figure
 
 __all__ = [
-    "CATEGORIES", "CT_CATEGORIES", "CT_WINDOWS", "CaseRecord", "HeadsConfig", "InpaintConfig", "InputError",
+    "CATEGORIES", "CT_CATEGORIES", "CT_WINDOWS", "CaseRecord", "DiffuGTSPipeline", "HeadsConfig", "InpaintConfig", "InputError",
     "ORGAN_LABELS", "PhantomCase", "SliceViewer", "SpatialConfig", "SpatialPlan", "TextEncoder", "TrainedHeads",
     "Volume", "case_grid", "detect_case", "detect_volume", "detection_auroc", "dice", "evaluate_folders",
     "evaluate_pair", "generate_case", "generate_cohort", "list_manifests", "load_backbone", "load_dataset",
     "load_heads", "load_image_and_label", "load_manifest", "load_organ_mask", "load_tumor_mask", "load_volume",
-    "montage", "normalize_mri", "plan_spatial", "pseudo_healthy", "roc_curve", "run_aova", "save_figure",
-    "save_volume", "summarize", "surface_dice", "train_heads", "window_ct",
+    "montage", "normalize_mri", "plan_spatial", "pseudo_healthy", "ResidualConfig", "roc_curve", "run_aova",
+    "save_figure", "save_volume", "SegmentationResult", "summarize", "surface_dice", "train_heads",
+    "train_residual_head", "TrainedResidualHead", "window_ct",
 ]

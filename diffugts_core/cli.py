@@ -38,14 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffugts-core {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="generate a PhantomBench case and write its NIfTI files and a montage PNG",
-                          description="The main job on the embedded default. For now it generates one PhantomBench "
-                          "case (image, organ map, tumor mask as NIfTI) and a labelled PNG montage; the segmentation "
-                          "stages will make it segment the case.")
+    demo = sub.add_parser("demo", help="segment a PhantomBench case end to end: mask, report and QC picture",
+                          description="The main job on the embedded default: generate one PhantomBench case (image, "
+                          "organ map, tumor mask as NIfTI), segment it with the shipped model and seen -> unseen heads, "
+                          "and write the mask, a JSON report and a QC picture. The default case is the first "
+                          "hepatic-vessel tumor of PhantomBench's test split (seed 3000), a category the shipped heads "
+                          "never saw.")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default: outputs/demo)")
-    demo.add_argument("--category", default="liver", help="tumor category of the demo case (default: liver)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--category", default="hepatic_vessel",
+                      help="tumor category of the demo case (default: hepatic_vessel, unseen by the shipped heads)")
+    demo.add_argument("--seed", type=int, default=3000, help="PhantomBench seed (default 3000, the test split)")
     demo.add_argument("--shape", type=_shape, default="128,128,64", help="volume shape X,Y,Z (default 128,128,64)")
+    demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_run_demo)
 
     phantoms = sub.add_parser("phantoms", help="generate a PhantomBench cohort (NIfTI + cases.csv)",
@@ -107,14 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_run_check_foundation)
     heads = sub.add_parser("train-heads", help="train AOVA adapters, W_q, W_k and the region head for a setting",
                            description="Train the small heads on the seen categories of a zero-shot setting (held-out "
-                           "categories never reach the training data), pick thresholds on a validation split of seen "
-                           "categories, save safetensors + heads.json.")
+                           "categories never reach the training data): AOVA + region head (heads.json), then the "
+                           "residual head on their inpainted cases (residual.json); thresholds come from a validation "
+                           "split of seen categories. Weights as safetensors.")
     heads.add_argument("--setting", required=True, help="loo-<category>, seen-unseen or ct-mri")
     heads.add_argument("--out", type=Path, required=True, help="folder to write")
     heads.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
     heads.add_argument("--per-category", type=int, default=4, help="training cases per seen category (default 4)")
     heads.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     heads.add_argument("--model", default="default", help="foundation model (default: the shipped one)")
+    heads.add_argument("--residual-steps", type=int, default=800, help="residual head training steps (default 800)")
+    heads.add_argument("--residual-only", action="store_true",
+                       help="train only the residual head, on the AOVA + region heads already in --out")
+    heads.add_argument("--cache", type=Path, help="cache folder for the pseudo-healthy images of the residual head's "
+                       "training and validation cases (default: none)")
     heads.add_argument("--register", metavar="NAME", help="also record every file's sha256 in models/registry.yaml")
     heads.add_argument("--no-progress", action="store_true")
     heads.set_defaults(run=_run_train_heads)
@@ -157,6 +167,54 @@ def build_parser() -> argparse.ArgumentParser:
                       "supervised upper bound of the zero-shot figures (ct-mri heads saw every CT category)")
     aova.add_argument("--no-progress", action="store_true")
     aova.set_defaults(run=_run_evaluate_aova)
+
+    segment = sub.add_parser("segment", help="segment tumors in a NIfTI volume, a folder of them or a CSV of cases",
+                             description="The whole DiffuGTS pipeline: AOVA maps, region detection, latent inpainting "
+                             "to a pseudo-healthy image, residual head. The mask is written in the input's own grid "
+                             "and affine. IMAGE may be a folder of .nii/.nii.gz files or a CSV with columns image, "
+                             "organ (optional: modality, organ_mask, case_id); -o is then a folder, and a bad case is "
+                             "reported and skipped while the rest go on (exit code 1 if any failed).")
+    segment.add_argument("image", type=Path, help="CT (HU) or MRI volume (.nii/.nii.gz), a folder of them, or a CSV")
+    segment.add_argument("--organ", help="organ to look in, e.g. liver, lung, colon, brain (a CSV may give it per case)")
+    segment.add_argument("--prompt", help="free-text abnormal prompt, e.g. 'a CT scan of a spleen with a lesion'")
+    segment.add_argument("--modality", default="CT", type=str.upper, choices=("CT", "MRI"))
+    segment.add_argument("--organ-mask", type=Path, help="binary organ mask on the image grid (else found by the maps)")
+    segment.add_argument("-o", "--out", type=Path, required=True, help="mask file (.nii.gz), or a folder in batch mode")
+    segment.add_argument("--save-intermediates", type=Path, metavar="DIR",
+                         help="also write S, regions, ROI, pseudo-healthy, residuals and probabilities (input grid)")
+    segment.add_argument("--report", type=Path, help="JSON report (default: beside the mask)")
+    segment.add_argument("--png", type=Path, help="QC picture (default: beside the mask)")
+    segment.add_argument("--seeds", type=int, default=1, help="inpainting samples; > 1 adds an uncertainty map")
+    segment.add_argument("--seed", type=int, default=0, help="first inpainting seed (default 0)")
+    segment.add_argument("--method", choices=("head", "fusion"), default="head",
+                         help="refinement: the residual head (default) or the training-free fusion baseline")
+    segment.add_argument("--heads", default="default", help="train-heads folder or registry name (default: shipped)")
+    segment.add_argument("--model", default="default", help="foundation model (default: the shipped one)")
+    segment.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    segment.add_argument("--no-progress", action="store_true")
+    segment.set_defaults(run=_run_segment)
+
+    refine = sub.add_parser("evaluate-refinement", help="DSC of AOVA-only, fusion and the full method per category",
+                            description="Run the pipeline on a setting's unseen test cases (PhantomBench seed 3000) and "
+                            "report per category DSC and NSD of AOVA-only, the training-free fusion and the full "
+                            "method, and inside the tumor the mean HU of the input, the pseudo-healthy image and the "
+                            "surrounding healthy organ.")
+    refine.add_argument("--heads", default="default", help="train-heads folder or registry name (default: shipped)")
+    refine.add_argument("--model", default="default")
+    refine.add_argument("--test-per-category", type=int, default=4, help="test cases per category (default 4)")
+    refine.add_argument("--upper-bound", action="store_true", help="score the setting's seen categories instead")
+    refine.add_argument("--json", type=Path, help="also write categories and cases as JSON")
+    refine.add_argument("--no-progress", action="store_true")
+    refine.set_defaults(run=_run_evaluate_refinement)
+
+    bench = sub.add_parser("benchmark", help="speed: per-stage time and peak memory of the default pipeline",
+                           description="--speed: segment a 128x128x64 PhantomBench CT case at default settings, print "
+                           "per-stage time and peak memory, and ROI-cropped vs full-slice inpainting side by side "
+                           "(time ratio and DSC of both).")
+    bench.add_argument("--speed", action="store_true", required=True, help="the speed benchmark (the only one so far)")
+    bench.add_argument("--cases", type=int, default=3, help="cases (default 3: liver, hepatic vessel, kidney)")
+    bench.add_argument("--json", type=Path, help="also write the figures as JSON")
+    bench.set_defaults(run=_run_benchmark)
     return parser
 
 
@@ -181,20 +239,31 @@ def _categories(text: str) -> list[str]:
 
 
 def _run_demo(args) -> int:
-    from . import phantoms, viz
+    from . import phantoms
+    from .aova import CATEGORY_ORGAN
+    from .io import load_volume
+    from .metrics import dice
+    from .pipeline import DiffuGTSPipeline, write_segmentation
 
     if args.category not in phantoms.CATEGORIES:
         raise InputError(f"unknown category {args.category!r}; choose from {', '.join(phantoms.CATEGORIES)}")
     start = time.perf_counter()
     case = phantoms.generate_case(args.category, 0, args.seed, args.shape)
     record = phantoms.write_case(case, args.out)
-    window = "lung" if case.region == "thorax" else "soft_tissue"
-    figure = viz.montage(case.image, modality=case.modality, window=window, organs=case.organs, tumor=case.tumor,
-                         title=f"PhantomBench {case.case_id} ({case.modality}, seed {args.seed}): organs and tumor (red)")
-    png = viz.save_figure(figure, args.out / f"{case.case_id}_montage.png")
     print(f"case {case.case_id}: {case.modality} {case.region}, shape {case.image.shape}, "
           f"spacing {tuple(round(s, 3) for s in case.spacing)} mm, tumor {case.tumor_voxels} voxels")
-    for path in (record.image, record.organs, record.tumor, png):
+    pipeline = DiffuGTSPipeline.from_pretrained()
+    organ = CATEGORY_ORGAN[case.category]
+    volume = load_volume(record.image)
+    result = pipeline(volume, organ, modality=case.modality, progress=not args.no_progress)
+    tumor = case.tumor > 0
+    written = write_segmentation(pipeline, result, args.out / f"{case.case_id}_mask.nii.gz", image=record.image,
+                                 protect=[record.image], modality=case.modality, truth=tumor)
+    role = "seen" if case.category in pipeline.heads.seen else "unseen"
+    print(f"segmented the {organ} ({case.category} is {role} by the {pipeline.heads.setting} heads): "
+          f"{int(result.mask.sum())} voxels, DSC {dice(result.mask, tumor):.3f} against the phantom's tumor "
+          f"(AOVA-only {dice(result.detection.kept, tumor):.3f})")
+    for path in (record.image, record.organs, record.tumor, *written):
         print(f"wrote {path}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
@@ -280,26 +349,46 @@ def _run_check_foundation(args) -> int:
 
 def _run_train_heads(args) -> int:
     from .backbone import load_backbone
-    from .backbone.registry import record_model
-    from .heads import HeadsConfig, setting_categories, train_heads
+    from .backbone.registry import load_registry, record_model
+    from .heads import HeadsConfig, TrainedHeads, setting_categories, train_heads
+    from .residual import ResidualConfig, train_residual_head
     from .text import TextEncoder
 
     seen, unseen = setting_categories(args.setting)
+    if args.residual_steps < 1:
+        raise InputError("--residual-steps must be at least 1")
     backbone = load_backbone(args.model)
     text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
     config = HeadsConfig(setting=args.setting, steps=args.steps, train_per_category=args.per_category, seed=args.seed)
     start = time.perf_counter()
-    heads = train_heads(backbone, text_encoder, config, progress=not args.no_progress)
-    heads.save(args.out)
+    if args.residual_only:
+        if not (args.out / "heads.json").is_file():
+            raise InputError(f"{args.out}: no heads.json; --residual-only trains on heads already there (drop the flag "
+                             "to train both)")
+        heads = TrainedHeads.load(args.out)
+        if heads.setting != args.setting:
+            raise InputError(f"{args.out} holds heads of {heads.setting}, not {args.setting}")
+    else:
+        heads = train_heads(backbone, text_encoder, config, progress=not args.no_progress)
+    residual = train_residual_head(heads, backbone, text_encoder, ResidualConfig(steps=args.residual_steps,
+                                                                                 seed=args.seed),
+                                   cache=args.cache, progress=not args.no_progress)
+    if not args.residual_only:
+        heads.save(args.out)
+    residual.save(args.out)
     print(f"setting {args.setting}: seen {', '.join(seen)}; unseen {', '.join(unseen)}")
-    print(f"thresholds: {heads.thresholds}")
+    print(f"thresholds: {heads.thresholds}; refinement: {residual.thresholds}")
     print(f"wrote {args.out} in {(time.perf_counter() - start) / 60:.1f} min")
     if args.register:
         command = (f"diffugts train-heads --setting {args.setting} --out {args.out} --steps {args.steps} "
-                   f"--per-category {args.per_category} --seed {args.seed}")
+                   f"--per-category {args.per_category} --residual-steps {args.residual_steps} --seed {args.seed}"
+                   + (" --residual-only" if args.residual_only else ""))
+        earlier = load_registry().get(args.register, {}).get("command") if args.residual_only else None
+        if earlier:  # how the AOVA heads beside it were made: the first command of the earlier entry
+            command = f"{earlier.split(' && ')[0]} && {command}"
         entry = record_model(args.register, Path(args.out), command=command, licence="Apache-2.0",
-                             description=f"AOVA + region heads, setting {args.setting} (seen: {', '.join(seen)}), "
-                             f"on the {args.model} foundation model")
+                             description=f"AOVA + region heads and residual head, setting {args.setting} "
+                             f"(seen: {', '.join(seen)}), on the {args.model} foundation model")
         print(f"registered {args.register}: {len(entry['files'])} files, {entry['size_mb']} MB")
     return 0
 
@@ -399,6 +488,77 @@ def _run_evaluate_aova(args) -> int:
         print(f"mean {key}: {np.nanmean([r[key] for r in rows]):.3f}")
     if args.json:
         write_text_atomic(args.json, json.dumps(rows + upper_bound_rows, indent=2) + "\n")
+    return 0
+
+
+def _run_segment(args) -> int:
+    from .pipeline import DiffuGTSPipeline, segment_cases
+    from .text import check_prompt
+
+    if args.prompt is not None:
+        check_prompt(args.prompt)  # before any model loads
+    if args.seeds < 1:
+        raise InputError(f"--seeds must be at least 1, got {args.seeds}")
+    cases = segment_cases(args.image, organ=args.organ, modality=args.modality, organ_mask=args.organ_mask,
+                          out=args.out)
+    batch = args.image.is_dir() or args.image.suffix.lower() == ".csv"
+    if batch and (args.report or args.png):
+        raise InputError("--report and --png name one file each; in batch mode they are written beside each mask")
+    inputs = None if batch else cases[0].load()  # one case: a bad file fails before any model loads
+    pipeline = DiffuGTSPipeline.from_pretrained(args.heads, args.model, device=args.device)
+    failed = 0
+    for case in cases:
+        start = time.perf_counter()
+        try:
+            written = case.run(pipeline, inputs=inputs, prompt=args.prompt, seeds=args.seeds, seed=args.seed, method=args.method,
+                               report=args.report, png=args.png, intermediates=args.save_intermediates,
+                               progress=not args.no_progress)
+        except InputError as exc:
+            if not batch:
+                raise
+            failed += 1
+            print(f"error: {case.case_id}: {exc} (skipped)", file=sys.stderr)
+            continue
+        print(f"{case.case_id}: {written[0].name} in {time.perf_counter() - start:.1f} s")
+        for path in written:
+            print(f"  wrote {path}")
+    if batch:
+        print(f"{len(cases) - failed} of {len(cases)} cases segmented" + (f", {failed} skipped" if failed else ""))
+    return 1 if failed else 0
+
+
+def _run_evaluate_refinement(args) -> int:
+    from .pipeline import DiffuGTSPipeline, evaluate_refinement
+
+    if args.test_per_category < 1:
+        raise InputError("--test-per-category must be at least 1")
+    pipeline = DiffuGTSPipeline.from_pretrained(args.heads, args.model)
+    rows, cases = evaluate_refinement(pipeline, test_per_category=args.test_per_category,
+                                      role="seen" if args.upper_bound else "unseen", progress=not args.no_progress)
+    print(f"{'category':15s} {'cases':>5s} {'DSC aova':>8s} {'fusion':>7s} {'full':>6s} {'NSD aova':>8s} {'fusion':>7s} "
+          f"{'full':>6s} {'ROI cover':>9s} {'HU input':>8s} {'HU H':>6s} {'HU organ':>8s}")
+    for row in rows:
+        print(f"{row['category']:15s} {row['cases']:5d} {row['dsc_aova']:8.3f} {row['dsc_fusion']:7.3f} "
+              f"{row['dsc_full']:6.3f} {row['nsd_aova']:8.3f} {row['nsd_fusion']:7.3f} {row['nsd_full']:6.3f} "
+              f"{row['roi_tumor_coverage']:9.2f} {row['hu_input_in_tumor']:8.1f} {row['hu_healthy_in_tumor']:6.1f} "
+              f"{row['hu_organ']:8.1f}")
+    for key in ("dsc_aova", "dsc_fusion", "dsc_full"):
+        print(f"mean {key}: {np.mean([r[key] for r in rows]):.3f}")
+    print(f"thresholds: {rows[0]['thresholds']}")
+    if args.json:
+        write_text_atomic(args.json, json.dumps({"categories": rows, "cases": cases}, indent=2) + "\n")
+    return 0
+
+
+def _run_benchmark(args) -> int:
+    from .benchmark import format_speed_report, speed_benchmark
+
+    if args.cases < 1:
+        raise InputError("--cases must be at least 1")
+    report = speed_benchmark(cases=args.cases)
+    print(format_speed_report(report))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

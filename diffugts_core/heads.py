@@ -40,7 +40,9 @@ from .metrics import detection_auroc, dice, surface_dice
 from .preprocess import body_mask, model_grid_plan
 
 SETTINGS = tuple(f"loo-{c}" for c in phantoms.CT_CATEGORIES) + ("seen-unseen", "ct-mri")
-SEEDS = {"train": 2000, "validation": 2001, "test": 3000}  # PhantomBench seeds of the three splits
+# PhantomBench seeds of the splits. "refine" trains the residual head: seen categories like "train", but cases the AOVA
+# heads never fitted, so the head learns how S behaves on new cases, not on the heads' own training cases.
+SEEDS = {"train": 2000, "validation": 2001, "refine": 2002, "test": 3000}
 
 
 def setting_categories(setting: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -147,7 +149,7 @@ def cached_heads(folder: Path, config: HeadsConfig) -> TrainedHeads | None:
 
 def split_cases(setting: str, split: str, config: HeadsConfig, shape=phantoms.DEFAULT_SHAPE, *,
                 test_role: str = "unseen"):
-    """PhantomBench cases of a split. Train and validation hold seen categories + healthy only. The test split holds
+    """PhantomBench cases of a split. Train, refine and validation hold seen categories + healthy only. The test split holds
     the unseen categories, or with ``test_role="seen"`` test cases of the seen ones (for a supervised upper bound)."""
     seed = SEEDS[split]
     if split == "test":
@@ -155,8 +157,9 @@ def split_cases(setting: str, split: str, config: HeadsConfig, shape=phantoms.DE
         per_category = healthy = config.test_per_category
     else:
         categories = role_categories(setting, "seen")
-        per_category = config.train_per_category if split == "train" else config.validation_per_category
-        healthy = config.healthy_per_region if split == "train" else 1
+        training = split in ("train", "refine")
+        per_category = config.train_per_category if training else config.validation_per_category
+        healthy = config.healthy_per_region if training else 1
     regions = sorted({phantoms.CATEGORY_REGION.get(c, "abdomen") for c in categories})
     for category in categories:
         for index in range(per_category):

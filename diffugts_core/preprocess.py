@@ -199,6 +199,7 @@ def _pad_or_crop(array: np.ndarray, before: tuple[int, int, int], out_shape, fil
 
 # The grid the default model and heads were trained on (PhantomBench at 128 x 128 x 64): CT 320 mm in-plane
 # at 2.5 mm and 4 mm slices; MRI brain 1.5 x 1.78 x 3 mm.
+PREPROCESS_VERSION = 1  # bump when the processing grid or the intensity maps change (keys cached pseudo-healthy images)
 MODEL_SPACING_MM = {"CT": (2.5, 2.5, 4.0), "MRI": (1.5, 1.78125, 3.0)}
 
 

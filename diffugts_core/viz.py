@@ -79,15 +79,18 @@ def tumor_centre_slice(tumor: np.ndarray) -> int:
 
 
 def montage(image: np.ndarray, *, modality: str = "CT", window: str = "soft_tissue", organs=None, tumor=None,
-            maps: dict[str, np.ndarray] | None = None, slices=None, n_slices: int = 6, alpha: float = 0.4,
-            title: str | None = None) -> plt.Figure:
-    """A grid of axial slices: the image, then the image with organs, then each float map.
+            maps: dict[str, np.ndarray] | None = None, images: dict[str, np.ndarray] | None = None, truth=None,
+            slices=None, n_slices: int = 6, alpha: float = 0.4, title: str | None = None) -> plt.Figure:
+    """A grid of axial slices: the image, other images in the same window (``images``, e.g. a pseudo-healthy one),
+    the image with organs, then each float map.
 
-    The tumor (if given) is drawn as a red contour on every panel.
+    The tumor (if given) is drawn as a red contour on every panel, a reference mask (``truth``) in cyan.
     """
     grey = display_image(image, modality, window)
-    slices = list(slices) if slices is not None else pick_slices(image.shape[2], n_slices, tumor)
-    rows = [("image", None)]
+    slices = list(slices) if slices is not None else pick_slices(image.shape[2], n_slices,
+                                                                  tumor if truth is None else truth)
+    rows = [("image", None)] + [(name, display_image(other, modality, window)) for name, other in (images or {}).items()]
+    greys = {name for name, _ in rows}
     if organs is not None:
         rows.append(("organs", organs))
     rows += list((maps or {}).items())
@@ -96,13 +99,16 @@ def montage(image: np.ndarray, *, modality: str = "CT", window: str = "soft_tiss
     for r, (name, layer) in enumerate(rows):
         for c, k in enumerate(slices):
             ax = axes[r, c]
-            ax.imshow(axial(grey, k), cmap="gray", vmin=0, vmax=1)
-            if name == "organs":
+            grey_row = name in greys
+            ax.imshow(axial(layer if grey_row and layer is not None else grey, k), cmap="gray", vmin=0, vmax=1)
+            if name == "organs" and not grey_row:
                 ax.imshow(axial(layer, k), cmap=ORGAN_CMAP, vmin=0, vmax=22, alpha=alpha, interpolation="nearest")
-            elif layer is not None:
+            elif layer is not None and not grey_row:
                 ax.imshow(axial(layer, k), cmap="magma", alpha=alpha + 0.2)
             if tumor is not None and np.any(axial(tumor, k)):
                 ax.contour(axial(tumor, k), levels=[0.5], colors="red", linewidths=0.8)
+            if truth is not None and np.any(axial(truth, k)):
+                ax.contour(axial(truth, k), levels=[0.5], colors="cyan", linewidths=0.8)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -147,6 +153,30 @@ def figure_png(fig: plt.Figure, dpi: int = 90) -> bytes:
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def frame_slider(frames: list[np.ndarray], titles: list[str], *, modality: str = "CT", window: str = "soft_tissue",
+                 contour=None, description: str = "step"):
+    """A slider over 2D frames (e.g. the denoising steps of one slice), each drawn in the image window.
+
+    Needs a widget front end (JupyterLab); ``montage``-style static figures are what executed copies keep."""
+    import ipywidgets as widgets
+
+    def render(i: int) -> bytes:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.imshow(display_plane(display_image(frames[i], modality, window)), cmap="gray", vmin=0, vmax=1)
+        if contour is not None and np.any(contour):
+            ax.contour(display_plane(contour), levels=[0.5], colors="red", linewidths=0.8)
+        ax.set_title(titles[i], fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return figure_png(fig)
+
+    slider = widgets.IntSlider(value=len(frames) - 1, min=0, max=len(frames) - 1, description=description,
+                               continuous_update=False)
+    picture = widgets.Image(format="png", value=render(slider.value))
+    slider.observe(lambda change: setattr(picture, "value", render(change["new"])), names="value")
+    return widgets.VBox([slider, picture])
 
 
 def prompt_explorer(render, value: str, *, description: str = "prompt"):

@@ -13,7 +13,8 @@ from diffugts_core.cli import build_parser, main
 from diffugts_core.io import load_volume, save_volume
 from diffugts_core.metrics import dice
 
-SUBCOMMANDS = ["demo", "phantoms", "evaluate", "manifests", "train-heads", "detect", "evaluate-aova"]
+SUBCOMMANDS = ["demo", "phantoms", "evaluate", "manifests", "train-heads", "detect", "evaluate-aova", "segment",
+               "evaluate-refinement", "benchmark"]
 
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in SUBCOMMANDS]])
@@ -35,13 +36,17 @@ def test_every_subcommand_is_documented():
     assert set(SUBCOMMANDS) <= set(choices)
 
 
-def test_demo_writes_case_and_montage(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--shape", "64,64,32"]) == 0
+def test_demo_segments_an_unseen_tumor_and_writes_mask_report_and_picture(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"liver_000_image.nii.gz", "liver_000_organs.nii.gz", "liver_000_tumor.nii.gz",
-            "liver_000_montage.png"} <= names
-    assert (tmp_path / "liver_000_montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert load_volume(tmp_path / "liver_000_tumor.nii.gz").array.sum() > 0
+    assert {"hepatic_vessel_000_image.nii.gz", "hepatic_vessel_000_tumor.nii.gz", "hepatic_vessel_000_mask.nii.gz",
+            "hepatic_vessel_000_mask_report.json", "hepatic_vessel_000_mask_qc.png"} <= names
+    assert (tmp_path / "hepatic_vessel_000_mask_qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mask = load_volume(tmp_path / "hepatic_vessel_000_mask.nii.gz", dtype=np.uint8).array > 0
+    tumor = load_volume(tmp_path / "hepatic_vessel_000_tumor.nii.gz", dtype=np.uint8).array > 0
+    assert dice(mask, tumor) > 0.2  # the demo's mask is on the (unseen) tumor
+    out = capsys.readouterr().out
+    assert "unseen" in out and "DSC" in out
 
 
 def test_phantoms_then_evaluate_against_itself_and_a_shift(tmp_path, capsys):
@@ -148,3 +153,15 @@ def test_detect_bad_input_is_a_clean_error(tmp_path, capsys):
     assert main(["detect", str(tmp_path / "case.nii.gz"), "--organ", "liver", "--heads", str(tmp_path),
                  "-o", str(tmp_path / "out")]) == 2
     assert "no heads.json" in capsys.readouterr().err
+
+
+def test_train_heads_residual_only_needs_heads_of_the_setting(tmp_path, capsys):
+    assert main(["train-heads", "--setting", "seen-unseen", "--out", str(tmp_path), "--residual-only"]) == 2
+    assert "no heads.json" in capsys.readouterr().err
+    from diffugts_core.heads import heads_folder
+
+    (tmp_path / "heads.json").write_bytes((heads_folder("default") / "heads.json").read_bytes())
+    (tmp_path / "heads.safetensors").write_bytes((heads_folder("default") / "heads.safetensors").read_bytes())
+    assert main(["train-heads", "--setting", "loo-liver", "--out", str(tmp_path), "--residual-only"]) == 2
+    assert "holds heads of seen-unseen" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heads.json", "heads.safetensors"]  # nothing written

@@ -58,7 +58,7 @@ def test_settings_split_categories_as_the_protocol_says():
 def test_held_out_categories_never_reach_training_or_validation(setting):
     seen, unseen = setting_categories(setting)
     config = replace(TINY_HEADS, setting=setting, train_per_category=1, validation_per_category=1)
-    for split in ("train", "validation"):
+    for split in ("train", "refine", "validation"):
         categories = {case.category for case in split_cases(setting, split, config, SHAPE)}
         assert not categories & set(unseen), (setting, split)
         assert categories - {"healthy"} == set(seen)

@@ -60,6 +60,32 @@ def test_montage_rows_and_png_written_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.png"]  # no temp file left behind
 
 
+def test_montage_draws_other_images_in_grey_and_the_truth_in_cyan():
+    image = np.full((32, 32, 16), 40.0)
+    healthy = image.copy()
+    healthy[12:18, 12:18, 6:10] = 200.0
+    truth = np.zeros(image.shape, bool)
+    truth[12:18, 12:18, 6:10] = True
+    fig = viz.montage(image, images={"pseudo-healthy": healthy}, truth=truth, maps={"p": truth * 0.5}, n_slices=2)
+    assert [ax.get_ylabel() for ax in fig.axes[::2]] == ["image", "pseudo-healthy", "p"]
+    shown = fig.axes[2].images[0].get_array()  # the pseudo-healthy row shows H itself, in the same window
+    assert shown.max() > fig.axes[0].images[0].get_array().max()
+    cyan = [c for ax in fig.axes for c in ax.collections]
+    assert cyan and all(np.allclose(c.get_edgecolor()[0][:3], (0, 1, 1)) for c in cyan)
+    assert all(s in range(6, 10) for s in viz.pick_slices(16, 2, truth))
+
+
+def test_frame_slider_shows_the_chosen_frame():
+    pytest.importorskip("ipywidgets")
+    frames = [np.full((16, 16), v, np.float32) for v in (-100.0, 40.0, 300.0)]
+    box = viz.frame_slider(frames, ["a", "b", "c"])
+    slider, picture = box.children
+    assert slider.max == 2 and slider.value == 2 and picture.value[:4] == b"\x89PNG"
+    last = picture.value
+    slider.value = 0
+    assert picture.value != last
+
+
 def test_slice_viewer_widget_drives_the_figure():
     ipywidgets = pytest.importorskip("ipywidgets")
     image = np.zeros((32, 32, 16))

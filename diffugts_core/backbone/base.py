@@ -23,6 +23,7 @@ class FrozenBackbone(Protocol):
     spatial_dims: int  # 2: slice-wise; 3: volumetric
     latent_channels: int
     latent_downsample: int  # pixels per latent cell along each axis
+    denoiser_multiple: int  # a latent window the denoiser takes must be a multiple of this along each axis
     scaling_factor: float  # latents are scaled by this before diffusion (as in Stable Diffusion)
     text_conditioned: bool
     scheduler: object  # a diffusers scheduler with set_timesteps / step / add_noise

@@ -56,6 +56,7 @@ class DiffusersSliceBackbone:
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.scheduler = scheduler
         self.config = config
+        self.source: Path | None = None  # the model folder, when loaded from one (reports hash its weights)
         expected = 1 + 2 * config.context_slices
         if vae.config.in_channels not in (expected, 3):
             raise InputError(f"the VAE takes {vae.config.in_channels} channels; this backbone makes {expected} "
@@ -84,7 +85,9 @@ class DiffusersSliceBackbone:
         config_file = Path(source) / BACKBONE_CONFIG
         config = SliceBackboneConfig.from_json(config_file.read_text()) if config_file.is_file() else \
             SliceBackboneConfig(slice_shape=(vae.config.sample_size,) * 2)
-        return cls(vae, unet, scheduler, config, device=device)
+        backbone = cls(vae, unet, scheduler, config, device=device)
+        backbone.source = Path(source) if Path(source).is_dir() else None
+        return backbone
 
     def save_pretrained(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -102,6 +105,10 @@ class DiffusersSliceBackbone:
     @property
     def latent_downsample(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def denoiser_multiple(self) -> int:
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
     def scaling_factor(self) -> float:

@@ -1,0 +1,358 @@
+"""The whole DiffuGTS pipeline as one object, composed like a diffusers pipeline.
+
+``DiffuGTSPipeline`` holds the frozen backbone, the text encoder, the AOVA + region heads and the residual head of one
+setting. Calling it on a volume runs, on the model's processing grid (RAS, model spacing):
+
+1. the frozen encoder's stage features and the AOVA maps (S, the organ map);
+2. region-level detection (candidate regions of S in the organ region, scored by the region head);
+3. the region of interest: every candidate region, enlarged by a margin in mm;
+4. latent inpainting of that region to a pseudo-healthy image H (several seeds -> mean and spread);
+5. the pixel and feature residuals, the residual head's refined probability, and the training-free fusion;
+6. post-processing (threshold, inside the ROI, small components dropped), then back to the input's own grid.
+
+Every intermediate is kept on the result, with per-stage timings.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import phantoms
+from .aova import CATEGORY_ORGAN
+from .detect import Detection
+from .heads import AOVAResult, TrainedHeads, find_regions, heads_folder, role_categories, run_aova, split_cases
+from .io import InputError, Volume, check_same_grid
+from .metrics import dice, surface_dice
+from .preprocess import SpatialPlan, model_grid_plan
+from .residual import (Residuals, TrainedResidualHead, coarse_roi, final_mask, fusion_map, head_inputs,
+                       inpaint_region, refined_probability, residuals_of)
+from .text import check_prompt
+
+
+@dataclass
+class SegmentationResult:
+    """One case through the pipeline. Maps are on the processing grid; ``mask`` (and ``to_input_grid``) on the input's."""
+
+    mask: np.ndarray  # final tumor mask on the input grid (bool)
+    affine: np.ndarray  # the input's affine
+    organ: str
+    prompt: str | None
+    image: np.ndarray  # the volume on the processing grid
+    aova: AOVAResult
+    detection: Detection
+    residuals: Residuals
+    probability: np.ndarray  # the residual head's refined probability
+    fusion: np.ndarray  # the training-free fusion map
+    refined: np.ndarray  # final mask on the processing grid
+    thresholds: dict
+    seeds: int
+    timings: dict[str, float] = field(default_factory=dict)
+    plan: SpatialPlan | None = None  # None when the input was already on the processing grid
+
+    @property
+    def intermediates(self) -> dict[str, np.ndarray]:
+        """Every intermediate map by name (processing grid)."""
+        maps = {"anomaly": self.aova.anomaly, "organ_probability": self.aova.organ_probability,
+                "regions": self.detection.kept, "roi": self.residuals.roi, "pseudo_healthy": self.residuals.healthy,
+                "pixel_residual": self.residuals.pixel, "feature_residual": self.residuals.feature,
+                "refined_probability": self.probability, "fusion": self.fusion}
+        if self.seeds > 1:
+            maps["uncertainty"] = self.residuals.spread
+        return maps
+
+    def to_input_grid(self, array: np.ndarray) -> np.ndarray:
+        if self.plan is None:
+            return array
+        binary = array.dtype == bool
+        out = self.plan.invert(array.astype(np.uint8) if binary else array, kind="mask" if binary else "continuous")
+        return out.astype(bool) if binary else out
+
+
+class DiffuGTSPipeline:
+    """Backbone + text encoder + AOVA/region heads + residual head of one zero-shot setting."""
+
+    def __init__(self, backbone, text_encoder, heads: TrainedHeads, residual: TrainedResidualHead, *,
+                 heads_folder: Path | None = None):
+        if residual.setting != heads.setting:
+            raise InputError(f"the residual head was trained for {residual.setting}, the AOVA heads for "
+                             f"{heads.setting}; use heads and residual head of one setting (one train-heads folder)")
+        self.backbone, self.text_encoder, self.heads, self.residual = backbone, text_encoder, heads, residual
+        self.heads_folder = heads_folder  # where the heads came from (reports hash their weights)
+
+    @classmethod
+    def from_pretrained(cls, heads: str | Path = "default", model: str | Path = "default", *, device="auto"):
+        """The shipped model and heads ("default"), or a foundation model folder and a `train-heads` folder."""
+        from .backbone import load_backbone
+        from .text import TextEncoder
+
+        folder = heads_folder(heads)
+        backbone = load_backbone(model, device=device)
+        text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder, device=device)
+        return cls(backbone, text_encoder, TrainedHeads.load(folder), TrainedResidualHead.load(folder),
+                   heads_folder=folder)
+
+    def __call__(self, volume: Volume, organ: str, *, modality: str = "CT", prompt: str | None = None,
+                 organ_mask: Volume | None = None, seeds: int = 1, seed: int = 0, method: str = "head",
+                 progress: bool = False) -> SegmentationResult:
+        """Any NIfTI volume (``io.Volume``) -> a tumor mask in its own grid, and every intermediate.
+
+        ``method``: "head" (the residual head, the full method) or "fusion" (the training-free baseline)."""
+        modality = modality.upper()
+        start = time.perf_counter()
+        plan = model_grid_plan(volume, modality, self.backbone.config.slice_shape)
+        image = plan.apply(volume.array.astype(np.float32), order=1, fill=-1000.0 if modality == "CT" else 0.0)
+        mask = None
+        if organ_mask is not None:
+            check_same_grid(volume, organ_mask)
+            mask = plan.apply((organ_mask.array > 0).astype(np.uint8), order=0) > 0
+        prepare = time.perf_counter() - start
+        result = self.segment_grid(image, plan.spacing, organ, modality=modality, prompt=prompt, organ_mask=mask,
+                                   seeds=seeds, seed=seed, method=method, progress=progress)
+        start = time.perf_counter()
+        result.plan, result.affine = plan, volume.affine
+        result.mask = result.to_input_grid(result.refined)
+        result.timings = {"preprocess": prepare, **result.timings, "to_input_grid": time.perf_counter() - start}
+        return result
+
+    @torch.no_grad()
+    def segment_grid(self, image: np.ndarray, spacing, organ: str, *, modality: str = "CT", prompt: str | None = None,
+                     organ_mask: np.ndarray | None = None, seeds: int = 1, seed: int = 0, method: str = "head",
+                     progress: bool = False) -> SegmentationResult:
+        """The pipeline on a volume already on the processing grid (a PhantomBench case, for instance)."""
+        if prompt is not None:
+            check_prompt(prompt)
+        if seeds < 1:
+            raise InputError(f"seeds must be at least 1, got {seeds}")
+        if method not in ("head", "fusion"):
+            raise InputError(f"method must be 'head' (residual head) or 'fusion' (training-free), not {method!r}")
+        timings: dict[str, float] = {}
+        region = phantoms.CATEGORY_REGION.get(organ, "abdomen")
+        config = self.residual.config
+        with _timed(timings, "aova"):
+            aova = run_aova(self.heads, self.backbone, self.text_encoder, image, modality, organ, prompt=prompt)
+        with _timed(timings, "detection"):
+            detection = find_regions(self.heads, aova, self.heads.thresholds, organ_mask)
+            roi = coarse_roi(detection, spacing, config.margin_mm)
+        with _timed(timings, "inpainting"):
+            inpaint = replace(config.inpaint, samples=seeds, seed=seed)
+            healthy, spread = inpaint_region(self.backbone, self.text_encoder, image, modality, region, organ, roi,
+                                             inpaint, progress=progress)
+        with _timed(timings, "residuals"):
+            residuals = residuals_of(self.backbone, image, modality, roi, healthy, spread)
+        with _timed(timings, "residual_head"):
+            probability = refined_probability(self.residual.head, head_inputs(self.backbone, image, modality,
+                                                                              residuals, aova.anomaly), roi)
+            fusion = fusion_map(residuals)
+        with _timed(timings, "postprocess"):
+            thresholds = self.residual.thresholds
+            score, threshold = (probability, thresholds.head) if method == "head" else (fusion, thresholds.fusion)
+            refined = final_mask(score, threshold, roi, config.min_voxels)
+        return SegmentationResult(
+            mask=refined, affine=np.diag([*spacing, 1.0]), organ=organ, prompt=prompt, image=image, aova=aova,
+            detection=detection, residuals=residuals, probability=probability, fusion=fusion, refined=refined,
+            thresholds={"detection": vars(self.heads.thresholds), "refinement": vars(thresholds), "method": method},
+            seeds=seeds, timings=timings)
+
+
+@contextmanager
+def _timed(timings: dict, name: str):
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+
+
+# ---- evaluation on PhantomBench -------------------------------------------------------------------
+
+def evaluate_refinement(pipeline: DiffuGTSPipeline, *, test_per_category: int = 4, role: str = "unseen",
+                        tolerance_mm: float = 2.0, progress: bool = False) -> tuple[list[dict], list[dict]]:
+    """AOVA-only, training-free fusion and the full method on the setting's unseen test cases: (per category, per case).
+
+    Per case also: the mean HU of the input, of H and of the surrounding healthy organ inside the tumor (the part of
+    the tumor inside the ROI: outside it H is the input by construction), and how much of the tumor the ROI covers."""
+    heads = pipeline.heads
+    config = replace(heads.config, test_per_category=test_per_category)
+    cases = [c for c in split_cases(heads.setting, "test", config, test_role=role) if c.category != "healthy"]
+    per_case = []
+    for case in tqdm(cases, desc=f"refinement {heads.setting}", disable=not progress):
+        result = pipeline.segment_grid(case.image, case.spacing, CATEGORY_ORGAN[case.category], modality=case.modality)
+        tumor = case.tumor > 0
+        fusion = final_mask(result.fusion, pipeline.residual.thresholds.fusion, result.residuals.roi,
+                            pipeline.residual.config.min_voxels)
+        covered = tumor & result.residuals.roi
+        organ = case.organ_mask(case.category) & ~tumor
+        row = {"case": case.case_id, "category": case.category, "roi_tumor_coverage": float(covered.sum() / tumor.sum()),
+               "hu_input_in_tumor": float(case.image[covered].mean()) if covered.any() else float("nan"),
+               "hu_healthy_in_tumor": float(result.residuals.healthy[covered].mean()) if covered.any() else float("nan"),
+               "hu_organ": float(case.image[organ].mean()), "seconds": sum(result.timings.values())}
+        for method, mask in (("aova", result.detection.kept), ("fusion", fusion), ("full", result.refined)):
+            row[f"dsc_{method}"] = dice(mask, tumor)
+            row[f"nsd_{method}"] = surface_dice(mask, tumor, case.spacing, tolerance_mm)
+        per_case.append(row)
+    rows = []
+    for category in role_categories(heads.setting, role):
+        mine = [r for r in per_case if r["category"] == category]
+        if not mine:
+            continue
+        row = {"setting": heads.setting, "category": category, "role": role, "cases": len(mine),
+               "thresholds": {"detection": heads.thresholds.provenance,
+                              "refinement": pipeline.residual.thresholds.provenance}}
+        for key in mine[0]:
+            if key not in ("case", "category"):
+                row[key] = float(np.nanmean([r[key] for r in mine])) if any(np.isfinite(r[key]) for r in mine) \
+                    else float("nan")
+        rows.append(row)
+    return rows, per_case
+
+
+# ---- outputs ---------------------------------------------------------------------------------------
+
+def segmentation_report(pipeline: DiffuGTSPipeline, result: SegmentationResult, *, image: Path | None = None,
+                        seed: int = 0) -> dict:
+    """What produced a mask: versions, model sha256s, seed, thresholds and their provenance, timings, peak memory."""
+    import importlib.metadata as metadata
+    import resource
+
+    from . import __version__
+    from .backbone.registry import sha256_file
+
+    weights = {}
+    source = getattr(pipeline.backbone, "source", None)
+    if source is not None:
+        weights.update({f"model/{p.parent.name}": sha256_file(p) for p in sorted(source.glob("*/*.safetensors"))})
+    if pipeline.heads_folder is not None:
+        weights.update({f"heads/{p.name}": sha256_file(p) for p in sorted(pipeline.heads_folder.glob("*.safetensors"))})
+    spacing = np.abs(np.linalg.det(result.affine[:3, :3]))
+    return {
+        "image": None if image is None else str(image), "organ": result.organ, "prompt": result.prompt,
+        "versions": {"diffugts-core": __version__,
+                     **{name: metadata.version(name) for name in ("torch", "diffusers", "transformers", "numpy")}},
+        "weights_sha256": weights, "setting": pipeline.heads.setting, "seen": list(pipeline.heads.seen),
+        "seed": seed, "seeds": result.seeds, "thresholds": result.thresholds,
+        "regions": [{"voxels": r.voxels, "mean_s": r.mean_s, "probability": r.probability,
+                     "kept": r.probability >= pipeline.heads.thresholds.region} for r in result.detection.regions],
+        "roi_voxels": int(result.residuals.roi.sum()), "mask_voxels": int(result.mask.sum()),
+        "mask_ml": float(result.mask.sum() * spacing / 1000.0),
+        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "total_s": round(sum(result.timings.values()), 3),
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "device": str(pipeline.backbone.device),
+    }
+
+
+def write_segmentation(pipeline: DiffuGTSPipeline, result: SegmentationResult, mask_path: Path, *,
+                       image: Path | None = None, report: Path | None = None, png: Path | None = None,
+                       intermediates: Path | None = None, protect=(), seed: int = 0, modality: str = "CT",
+                       truth: np.ndarray | None = None) -> list[Path]:
+    """Write the mask (input grid and affine), the JSON report, a QC picture and, if asked, every intermediate.
+
+    Every file is written atomically; a path among ``protect`` (the inputs) is never overwritten."""
+    import json
+
+    from . import viz
+    from .io import save_volume, write_text_atomic
+
+    stem = mask_path.name.removesuffix(".gz").removesuffix(".nii")
+    written = [save_volume(result.mask, result.affine, mask_path, protect=protect)]
+    if intermediates is not None:
+        for name, array in result.intermediates.items():
+            data = result.to_input_grid(array)
+            written.append(save_volume(data.astype(np.uint8 if data.dtype == bool else np.float32), result.affine,
+                                       intermediates / f"{stem}_{name}.nii.gz", protect=protect))
+    data = segmentation_report(pipeline, result, image=image, seed=seed)
+    report = report or mask_path.with_name(f"{stem}_report.json")
+    written.append(write_text_atomic(report, json.dumps(data, indent=2) + "\n"))
+    png = png or mask_path.with_name(f"{stem}_qc.png")
+    residual = np.abs(result.image - result.residuals.healthy)
+    figure = viz.montage(result.image, modality=modality, tumor=result.refined,
+                         images={"pseudo-healthy": result.residuals.healthy},
+                         maps={"S": result.aova.anomaly, "|I - H| / 200": np.clip(residual / 200, 0, 1),
+                               "refined p": result.probability}, truth=truth,
+                         title=f"{stem}: {result.organ}, mask in red" + ("; truth in cyan" if truth is not None else ""))
+    written.append(viz.save_figure(figure, png))
+    return written
+
+
+@dataclass
+class SegmentJob:
+    """One case of `diffugts segment`: where its image is, what to look for, where its mask goes."""
+
+    case_id: str
+    image: Path
+    organ: str
+    modality: str
+    mask: Path
+    organ_mask: Path | None = None
+
+    def load(self) -> tuple[Volume, Volume | None]:
+        """The image and organ mask, checked (a bad file raises ``InputError`` naming it)."""
+        from .io import load_volume
+
+        organ_mask = load_volume(self.organ_mask, role="organ mask", dtype=np.uint8) if self.organ_mask else None
+        return load_volume(self.image), organ_mask
+
+    def run(self, pipeline: DiffuGTSPipeline, *, inputs=None, prompt=None, seeds=1, seed=0, method="head", report=None,
+            png=None, intermediates=None, progress=False) -> list[Path]:
+        volume, organ_mask = inputs or self.load()
+        result = pipeline(volume, self.organ, modality=self.modality, prompt=prompt, organ_mask=organ_mask,
+                          seeds=seeds, seed=seed, method=method, progress=progress)
+        return write_segmentation(pipeline, result, self.mask, image=self.image, report=report, png=png,
+                                  intermediates=intermediates, protect=[p for p in (self.image, self.organ_mask) if p],
+                                  seed=seed, modality=self.modality)
+
+
+def segment_cases(source: Path, *, organ: str | None, modality: str = "CT", organ_mask: Path | None = None,
+                  out: Path) -> list[SegmentJob]:
+    """The cases of `diffugts segment`: one NIfTI file, a folder of them, or a CSV (image, organ[, modality,
+    organ_mask, case_id]; relative paths are relative to the CSV's folder)."""
+    import csv
+
+    from .io import is_nifti_path
+
+    source = Path(source)
+    if not source.exists():
+        raise InputError(f"{source}: not found; pass a NIfTI volume (.nii or .nii.gz), a folder of them, or a CSV of cases")
+
+    def stem(path: Path) -> str:
+        return path.name.removesuffix(".gz").removesuffix(".nii")
+
+    def mask_path(case_id: str) -> Path:
+        return Path(out) / f"{case_id}_mask.nii.gz"
+
+    def need_organ(value, where: str) -> str:
+        if not value:
+            raise InputError(f"no organ for {where}; pass --organ (e.g. liver, lung, colon, brain)")
+        return value
+
+    if source.is_file() and source.suffix.lower() == ".csv":
+        with source.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows or "image" not in rows[0]:
+            raise InputError(f"{source}: a case CSV needs a header with an 'image' column (and 'organ' unless --organ "
+                             "is given); optional: modality, organ_mask, case_id")
+        jobs = []
+        for row in rows:
+            image = source.parent / row["image"]
+            case_id = row.get("case_id") or stem(image)
+            mask = row.get("organ_mask")
+            jobs.append(SegmentJob(case_id, image, need_organ(row.get("organ") or organ, f"{case_id} in {source}"),
+                                   (row.get("modality") or modality).upper(), mask_path(case_id),
+                                   source.parent / mask if mask else None))
+        return jobs
+    if source.is_dir():
+        if organ_mask is not None:
+            raise InputError("--organ-mask names one mask; for a folder of cases use a CSV with an organ_mask column")
+        images = sorted(p for p in source.iterdir() if p.is_file() and is_nifti_path(p))
+        if not images:
+            raise InputError(f"{source}: no .nii or .nii.gz files in this folder")
+        return [SegmentJob(stem(p), p, need_organ(organ, str(source)), modality, mask_path(stem(p))) for p in images]
+    if not is_nifti_path(source):
+        raise InputError(f"{source}: not a NIfTI file (.nii or .nii.gz), a folder or a .csv of cases")
+    single = Path(out) if str(out).endswith((".nii", ".nii.gz")) else mask_path(stem(source))
+    return [SegmentJob(stem(source), source, need_organ(organ, str(source)), modality, single, organ_mask)]

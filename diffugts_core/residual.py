@@ -1,0 +1,392 @@
+"""Residuals between the image and its pseudo-healthy version, and residual learning (DiffuGTS stage 5).
+
+- Pixel residual R_p = |I - H|, both in one normalisation (CT: a soft-tissue window; MRI: the backbone's model space).
+- Feature residual R_f = sum over the frozen encoder's three stages of upsample(1 - cos(F_l(I), F_l(H))).
+- Residual head: a small convolutional network on [I, H, R_p (signed, smoothed), R_f, S] that outputs refined tumor
+  logits inside the region of interest (the enlarged coarse mask). Trained with Dice + BCE on the seen categories of a setting only;
+  its threshold comes from the setting's validation split.
+- Training-free fusion (the baseline kept beside it): R_p and R_f, each divided by its 99th percentile inside the
+  region of interest, averaged, thresholded.
+
+Pseudo-healthy images for training are computed once and cached on disk, keyed by a hash of the image, the region,
+the preprocessing version, the model's weights and the inpainting settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from . import phantoms
+from .aova import CATEGORY_ORGAN
+from .heads import SEEDS, TrainedHeads, find_regions, insert_synthetic_anomaly, run_aova, split_cases
+from .inpaint import INPAINT_VERSION, InpaintConfig, enlarge_mask, healthy_conditioning, pseudo_healthy
+from .io import InputError, atomic_path, write_text_atomic
+from .metrics import dice
+from .preprocess import PREPROCESS_VERSION
+
+REGION_ORGAN = {"abdomen": "liver", "thorax": "lung", "brain": "brain"}  # the organ a healthy training case is read for
+INPUTS = ("image", "healthy", "signed_pixel_residual", "feature_residual", "anomaly")  # the head's input channels
+SMOOTHING_VOXELS = (1.5, 1.5, 0.7)  # Gaussian sigma of the head's signed residual: blobs stay, inpainting texture goes
+
+
+@dataclass
+class ResidualConfig:
+    margin_mm: float = 5.0  # the coarse mask is enlarged by this before inpainting
+    steps: int = 800
+    batch: int = 8
+    crop: int = 64  # training crops (pixels), centred on the region of interest
+    lr: float = 2e-3
+    channels: int = 16
+    synthetic_anomalies: int = 1  # per training case (the AOVA heads' recipe; no tumor category)
+    min_voxels: int = 10  # smaller components of the final mask are dropped
+    seed: int = 0
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ResidualConfig":
+        return cls(**{**data, "inpaint": InpaintConfig(**data["inpaint"])})
+
+
+@dataclass(frozen=True)
+class RefinementThresholds:
+    head: float = 0.5  # refined probability
+    fusion: float = 0.5  # training-free fusion map
+    provenance: str = "defaults"
+
+
+@dataclass
+class Residuals:
+    """Stage 5 on one volume (processing grid): region of interest, pseudo-healthy image, residuals."""
+
+    roi: np.ndarray  # enlarged coarse mask (bool)
+    healthy: np.ndarray  # H, image units
+    spread: np.ndarray  # voxelwise std over inpainting samples (0 with one sample)
+    pixel: np.ndarray  # R_p, model units
+    feature: np.ndarray  # R_f
+
+
+class ResidualHead(nn.Module):
+    """Three convolutions over [I, H, signed R_p, R_f, S] (5 channels) -> tumor logits; a 5 x 5 pixel view.
+
+    Small on purpose: a 0.13 M-parameter U-shaped head fitted its training lesions (pixel AUROC 0.9-0.99) and
+    failed on new cases (0.4-0.8); this one generalises (docs/refinement_findings.md)."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(len(INPUTS), channels, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[:, 0]
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@dataclass
+class TrainedResidualHead:
+    head: ResidualHead
+    thresholds: RefinementThresholds
+    config: ResidualConfig
+    setting: str
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "residual.safetensors", suffix=".safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp))
+        meta = {"setting": self.setting, "inputs": list(INPUTS), "thresholds": asdict(self.thresholds),
+                "config": asdict(self.config), "parameters": self.head.parameter_count}
+        write_text_atomic(folder / "residual.json", json.dumps(meta, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "TrainedResidualHead":
+        folder = Path(folder)
+        if not (folder / "residual.json").is_file():
+            raise InputError(f"{folder}: no residual.json; train the residual head with `diffugts train-heads` "
+                             "(it writes it beside heads.json)")
+        meta = json.loads((folder / "residual.json").read_text())
+        config = ResidualConfig.from_dict(meta["config"])
+        head = ResidualHead(config.channels)
+        head.load_state_dict(load_file(folder / "residual.safetensors"))
+        return cls(head.eval(), RefinementThresholds(**meta["thresholds"]), config, meta["setting"])
+
+
+# ---- residuals ---------------------------------------------------------------------------------
+
+def head_intensity(backbone, image: np.ndarray, modality: str, reference: np.ndarray | None = None) -> np.ndarray:
+    """Intensities as the head and the pixel residual see them. CT: a soft-tissue window, (HU - 40) / 200 clipped to
+    +-3, because the backbone's model space squeezes the 30-40 HU contrasts of tumors against their organ into a few
+    hundredths. MRI: the backbone's model space (percentiles of ``reference``, default the image itself), doubled."""
+    if modality.upper() == "CT":
+        return np.clip((np.asarray(image, np.float32) - 40.0) / 200.0, -3.0, 3.0)
+    intensity = backbone.intensity(modality, image if reference is None else reference)
+    return 2.0 * intensity.forward(image)
+
+
+def pixel_residual(backbone, image: np.ndarray, healthy: np.ndarray, modality: str) -> np.ndarray:
+    """|I - H| in the head's intensity units (``head_intensity`` of the input image, applied to both)."""
+    return np.abs(head_intensity(backbone, image, modality) - head_intensity(backbone, healthy, modality, image))
+
+
+@torch.no_grad()
+def feature_residual(backbone, image: np.ndarray, healthy: np.ndarray, modality: str, roi: np.ndarray,
+                     batch: int = 32) -> np.ndarray:
+    """Sum over the encoder's three stages of upsample(1 - cos(F_l(I), F_l(H))); computed on the ROI's slices only
+    (elsewhere H = I and the residual is 0)."""
+    out = np.zeros(image.shape, np.float32)
+    todo = np.flatnonzero(roi.any((0, 1)))
+    if len(todo) == 0:
+        return out
+    intensity = backbone.intensity(modality, image)
+    x = backbone.volume_to_slices(intensity.forward(image))[todo]
+    h = backbone.volume_to_slices(intensity.forward(healthy))[todo]
+    maps = []
+    for start in range(0, len(todo), batch):
+        fi, fh = backbone.encode_features(x[start:start + batch]), backbone.encode_features(h[start:start + batch])
+        total = sum(F.interpolate((1 - F.cosine_similarity(a, b, dim=1))[:, None], size=x.shape[-2:],
+                                  mode="bilinear", align_corners=False)[:, 0] for a, b in zip(fi, fh))
+        maps.append(total.cpu())
+    out[:, :, todo] = torch.cat(maps).permute(1, 2, 0).numpy()
+    return out
+
+
+def compute_residuals(backbone, text_encoder, image: np.ndarray, modality: str, region: str, organ: str,
+                      roi: np.ndarray, config: InpaintConfig, *, cache: Path | None = None,
+                      progress: bool = False) -> Residuals:
+    """Inpaint ``roi`` to a pseudo-healthy image with the organ's healthy prompt, then both residuals."""
+    healthy, spread = inpaint_region(backbone, text_encoder, image, modality, region, organ, roi, config,
+                                     cache=cache, progress=progress)
+    return residuals_of(backbone, image, modality, roi, healthy, spread)
+
+
+def inpaint_region(backbone, text_encoder, image: np.ndarray, modality: str, region: str, organ: str,
+                   roi: np.ndarray, config: InpaintConfig, *, cache: Path | None = None,
+                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The pseudo-healthy image (mean over samples, and their spread), from ``cache`` when it holds this exact case."""
+    if not roi.any():
+        return image.copy(), np.zeros(image.shape, np.float32)
+    key = None if cache is None else _cache_key(backbone, image, roi, modality, region, organ, config)
+    if key is not None and (cache / f"{key}.npz").is_file():
+        stored = np.load(cache / f"{key}.npz")
+        return stored["healthy"], stored["spread"]
+    cond, uncond = healthy_conditioning(text_encoder, modality, region, organ)
+    healthy, spread = pseudo_healthy(backbone, image, modality, roi, cond, uncond, config, progress)
+    if key is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache / f"{key}.npz", suffix=".npz") as tmp:
+            np.savez_compressed(tmp, healthy=healthy.astype(np.float32), spread=spread.astype(np.float32))
+    return healthy, spread
+
+
+def residuals_of(backbone, image: np.ndarray, modality: str, roi: np.ndarray, healthy: np.ndarray,
+                 spread: np.ndarray) -> Residuals:
+    return Residuals(roi, healthy, spread, pixel_residual(backbone, image, healthy, modality),
+                     feature_residual(backbone, image, healthy, modality, roi))
+
+
+def _cache_key(backbone, image, roi, modality, region, organ, config: InpaintConfig) -> str:
+    digest = hashlib.sha256()
+    for array in (np.ascontiguousarray(image, np.float32), np.ascontiguousarray(roi, bool)):
+        digest.update(str(array.shape).encode())
+        digest.update(array.tobytes())
+    digest.update(json.dumps([modality, region, organ, PREPROCESS_VERSION, INPAINT_VERSION, asdict(config)]).encode())
+    digest.update(model_fingerprint(backbone).encode())
+    return digest.hexdigest()[:32]
+
+
+def model_fingerprint(backbone) -> str:
+    """sha256 of the frozen model's weights (what a cached pseudo-healthy image depends on)."""
+    if getattr(backbone, "_fingerprint", None) is None:
+        digest = hashlib.sha256()
+        for module in (backbone.vae, backbone.unet):
+            for name, tensor in sorted(module.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        backbone._fingerprint = digest.hexdigest()
+    return backbone._fingerprint
+
+
+def fusion_map(residuals: Residuals) -> np.ndarray:
+    """Training-free fusion: R_p and R_f each scaled by its 99th percentile inside the ROI, averaged, in [0, 1]."""
+    out = np.zeros(residuals.roi.shape, np.float32)
+    if not residuals.roi.any():
+        return out
+    for residual in (residuals.pixel, residuals.feature):
+        scale = max(float(np.percentile(residual[residuals.roi], 99)), 1e-6)
+        out += np.clip(residual / scale, 0, 1) / 2
+    return np.where(residuals.roi, out, 0)
+
+
+# ---- the head --------------------------------------------------------------------------------------
+
+def head_inputs(backbone, image: np.ndarray, modality: str, residuals: Residuals, anomaly: np.ndarray) -> np.ndarray:
+    """(5, X, Y, Z): I and H (``head_intensity``), the signed pixel residual H - I smoothed inside the ROI, R_f, S.
+
+    The sign says whether the image is darker or brighter than healthy; the smoothing keeps lesion-sized differences
+    and drops the texture the inpainting invents. Both measured better than |I - H| on the validation split."""
+    image_h = head_intensity(backbone, image, modality)
+    healthy_h = head_intensity(backbone, residuals.healthy, modality, image)
+    signed = ndimage.gaussian_filter(healthy_h - image_h, SMOOTHING_VOXELS) * residuals.roi
+    return np.stack([image_h, healthy_h, signed, residuals.feature, anomaly]).astype(np.float32)
+
+
+@torch.no_grad()
+def refined_probability(head: ResidualHead, inputs: np.ndarray, roi: np.ndarray, batch: int = 16) -> np.ndarray:
+    """The head's tumor probability on the ROI's slices; 0 outside the ROI."""
+    out = np.zeros(roi.shape, np.float32)
+    todo = np.flatnonzero(roi.any((0, 1)))
+    head.eval()
+    for start in range(0, len(todo), batch):
+        index = todo[start:start + batch]
+        x = torch.from_numpy(np.ascontiguousarray(inputs[..., index].transpose(3, 0, 1, 2)))
+        out[..., index] = torch.sigmoid(head(x)).permute(1, 2, 0).numpy()
+    return np.where(roi, out, 0)
+
+
+def final_mask(probability: np.ndarray, threshold: float, roi: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Threshold inside the ROI; drop connected components below ``min_voxels``."""
+    labels, count = ndimage.label((probability > threshold) & roi)
+    if count == 0:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
+def coarse_roi(detection, spacing, margin_mm: float) -> np.ndarray:
+    """Every candidate region (kept by the region head or not: the residual head is the second filter), enlarged."""
+    coarse = np.zeros(detection.anomaly.shape, bool)
+    for region in detection.regions:
+        coarse |= region.mask
+    return enlarge_mask(coarse, spacing, margin_mm)
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+@dataclass
+class _Example:
+    inputs: np.ndarray  # (5, X, Y, Z)
+    target: np.ndarray  # (X, Y, Z) bool
+    roi: np.ndarray  # (X, Y, Z) bool
+
+
+def train_residual_head(heads: TrainedHeads, backbone, text_encoder, config: ResidualConfig = ResidualConfig(), *,
+                        cache: Path | None = None, progress: bool = True,
+                        shape=phantoms.DEFAULT_SHAPE) -> TrainedResidualHead:
+    """Train the residual head on the setting's seen categories ("refine" split), pick thresholds on validation.
+
+    The refine split holds new cases of the seen categories: on the AOVA heads' own training cases S is sharper than on
+    any new case, and a head trained there learns to trust S too much. The region of interest is built as at test time
+    (every candidate region, enlarged): a region grown around the known lesion teaches the head that the middle of the
+    region is the tumor."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    cases = list(split_cases(heads.setting, "refine", heads.config, shape))
+    leaked = {c.category for c in cases} - {"healthy", *heads.seen}
+    if leaked:  # the data loader itself is checked, not the convention
+        raise RuntimeError(f"categories {sorted(leaked)} are not seen in {heads.setting} but reached its training set")
+    examples = []
+    for case in tqdm(cases, desc="residual data", disable=not progress):
+        image, lesion = case.image, case.tumor > 0
+        for _ in range(config.synthetic_anomalies):
+            image, blob, _ = insert_synthetic_anomaly(image, case.organs, case.modality, case.spacing, rng)
+            lesion = lesion | blob
+        organ = CATEGORY_ORGAN[case.category] if case.category != "healthy" else REGION_ORGAN[case.region]
+        aova = run_aova(heads, backbone, text_encoder, image, case.modality, organ)
+        detection = find_regions(heads, aova, heads.thresholds)
+        roi = coarse_roi(detection, case.spacing, config.margin_mm)
+        residuals = compute_residuals(backbone, text_encoder, image, case.modality, case.region, organ, roi,
+                                      config.inpaint, cache=cache)
+        examples.append(_Example(head_inputs(backbone, image, case.modality, residuals, aova.anomaly), lesion, roi))
+    head = ResidualHead(config.channels)
+    _fit_head(head, examples, config, rng, progress)
+    trained = TrainedResidualHead(head.eval(), RefinementThresholds(), config, heads.setting)
+    validation = [c for c in split_cases(heads.setting, "validation", heads.config, shape) if c.category != "healthy"]
+    trained.thresholds = choose_refinement_thresholds(trained, heads, backbone, text_encoder, validation, cache=cache)
+    return trained
+
+
+def _fit_head(head: ResidualHead, examples: list[_Example], config: ResidualConfig, rng, progress: bool) -> None:
+    slices = [(i, k) for i, e in enumerate(examples) for k in np.flatnonzero(e.roi.any((0, 1)))]
+    with_lesion = [(i, k) for i, k in slices if examples[i].target[..., k].any()] or slices
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=1e-4)
+    head.train()
+    bar = tqdm(range(config.steps), desc="residual head", disable=not progress)
+    for _ in bar:
+        picks = [with_lesion[j] for j in rng.integers(len(with_lesion), size=config.batch // 2)]
+        picks += [slices[j] for j in rng.integers(len(slices), size=config.batch - len(picks))]
+        x, y, m = zip(*(_crop(examples[i], k, config.crop, rng) for i, k in picks))
+        x, y, m = torch.from_numpy(np.stack(x)), torch.from_numpy(np.stack(y)), torch.from_numpy(np.stack(m))
+        logits = head(x)
+        loss = _dice_bce(logits, y, m)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    head.eval()
+
+
+def _crop(example: _Example, k: int, size: int, rng):
+    """A size x size crop of slice k around a random ROI pixel (inputs, target, ROI), randomly flipped and turned:
+    the head should not learn where in a slice, or in which orientation, the training lesions happened to be."""
+    roi = example.roi[..., k]
+    cx, cy = np.argwhere(roi)[rng.integers(roi.sum())]
+    x0 = int(np.clip(cx - size // 2, 0, roi.shape[0] - size))
+    y0 = int(np.clip(cy - size // 2, 0, roi.shape[1] - size))
+    window = (slice(x0, x0 + size), slice(y0, y0 + size))
+    arrays = [example.inputs[(slice(None), *window, k)], example.target[(*window, k)].astype(np.float32)[None],
+              roi[window].astype(np.float32)[None]]
+    turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+    arrays = [np.rot90(a, turns, axes=(1, 2)) for a in arrays]
+    arrays = [np.ascontiguousarray(a[:, ::-1] if flip else a) for a in arrays]
+    return arrays[0], arrays[1][0], arrays[2][0]
+
+
+def _dice_bce(logits, target, roi):
+    """BCE + soft Dice, both counted inside the ROI only (outside it the pipeline never predicts)."""
+    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * roi).sum() / roi.sum().clamp_min(1)
+    probability = torch.sigmoid(logits) * roi
+    dice_loss = 1 - (2 * (probability * target).sum() + 1) / (probability.sum() + target.sum() + 1)
+    return bce + dice_loss
+
+
+def choose_refinement_thresholds(trained: TrainedResidualHead, heads: TrainedHeads, backbone, text_encoder, cases, *,
+                                 cache: Path | None = None) -> RefinementThresholds:
+    """Grid search of the head's and the fusion's thresholds for the best mean DSC on validation tumor cases."""
+    maps = []
+    for case in cases:
+        organ = CATEGORY_ORGAN[case.category]
+        aova = run_aova(heads, backbone, text_encoder, case.image, case.modality, organ)
+        detection = find_regions(heads, aova, heads.thresholds)
+        roi = coarse_roi(detection, case.spacing, trained.config.margin_mm)
+        residuals = compute_residuals(backbone, text_encoder, case.image, case.modality, case.region, organ, roi,
+                                      trained.config.inpaint, cache=cache)
+        inputs = head_inputs(backbone, case.image, case.modality, residuals, aova.anomaly)
+        maps.append((case.tumor > 0, roi, refined_probability(trained.head, inputs, roi), fusion_map(residuals)))
+    grid = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    chosen = {}
+    for name, index in (("head", 2), ("fusion", 3)):
+        scores = {t: np.mean([dice(final_mask(m[index], t, m[1], trained.config.min_voxels), m[0]) for m in maps])
+                  for t in grid}
+        best = max(grid, key=lambda t: scores[t])
+        chosen[name] = (best, scores[best])
+    return RefinementThresholds(
+        head=chosen["head"][0], fusion=chosen["fusion"][0],
+        provenance=f"validation split of seen categories (seed {SEEDS['validation']}, {len(cases)} tumor cases): "
+                   f"mean DSC {chosen['head'][1]:.3f} (head), {chosen['fusion'][1]:.3f} (fusion)")
+

@@ -1,0 +1,127 @@
+"""The whole pipeline and `diffugts segment`: the mask lands on the tumor in the input's own grid, batch mode goes on
+past a bad case, reports say what produced a mask, and the same seed gives the same mask."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from diffugts_core import phantoms
+from diffugts_core.cli import main
+from diffugts_core.io import load_volume, save_volume
+from diffugts_core.metrics import dice
+from diffugts_core.pipeline import DiffuGTSPipeline, segment_cases
+from diffugts_core.residual import TrainedResidualHead
+
+from .test_cli import _write_reoriented
+from .test_io import BAD_INPUTS
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return DiffuGTSPipeline.from_pretrained(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def liver_case():
+    return phantoms.generate_case("liver", 1, 3000)  # test seed; the liver is seen by the shipped heads
+
+
+def test_shipped_pipeline_segments_a_liver_tumor(pipeline, liver_case):
+    result = pipeline.segment_grid(liver_case.image, liver_case.spacing, "liver")
+    tumor = liver_case.tumor > 0
+    assert dice(result.refined, tumor) > 0.4, dice(result.refined, tumor)
+    assert result.refined.sum() and (result.refined & tumor).sum() / result.refined.sum() > 0.5  # mostly on the tumor
+    healthy, organ = result.residuals.healthy, liver_case.organ_mask("liver") & ~tumor
+    covered = tumor & result.residuals.roi
+    before = abs(liver_case.image[covered].mean() - liver_case.image[organ].mean())
+    after = abs(healthy[covered].mean() - liver_case.image[organ].mean())
+    assert after < before, (before, after)  # the pseudo-healthy tumor looks more like the liver around it
+    assert np.array_equal(healthy[~result.residuals.roi], liver_case.image[~result.residuals.roi])
+    assert set(result.timings) == {"aova", "detection", "inpainting", "residuals", "residual_head", "postprocess"}
+
+
+def test_same_seed_same_mask_and_several_seeds_give_an_uncertainty_map(pipeline, liver_case):
+    first = pipeline.segment_grid(liver_case.image, liver_case.spacing, "liver", seed=3)
+    again = pipeline.segment_grid(liver_case.image, liver_case.spacing, "liver", seed=3)
+    assert np.array_equal(first.refined, again.refined)
+    assert np.array_equal(first.residuals.healthy, again.residuals.healthy)
+    two = pipeline.segment_grid(liver_case.image, liver_case.spacing, "liver", seeds=2, seed=3)
+    spread = two.intermediates["uncertainty"]
+    roi = two.residuals.roi
+    assert spread[roi].mean() > 0 and np.all(spread[~roi] == 0)
+    assert "uncertainty" not in first.intermediates
+
+
+@pytest.mark.parametrize("codes,degrees", [("LPS", 0.0), ("SLA", 15.0)], ids=["LPS", "oblique-permuted"])
+def test_segment_writes_the_mask_over_the_tumor_in_the_input_grid(tmp_path, codes, degrees, liver_case):
+    tumor, _, affine = _write_reoriented(liver_case, codes, tmp_path / "case.nii.gz", degrees)
+    before = (tmp_path / "case.nii.gz").read_bytes()
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "case.nii.gz"), "--organ", "liver", "-o", str(out / "mask.nii.gz"),
+                 "--save-intermediates", str(out / "maps"), "--no-progress"]) == 0
+    mask = load_volume(out / "mask.nii.gz", dtype=np.uint8)
+    assert mask.shape == tumor.shape and np.allclose(mask.affine, affine)
+    assert dice(mask.array > 0, tumor) > 0.35  # on the tumor, in the file's own voxel order
+    report = json.loads((out / "mask_report.json").read_text())
+    assert report["setting"] == "seen-unseen" and report["seed"] == 0 and report["peak_memory_mb"] > 0
+    assert {"model/unet", "model/vae", "heads/heads.safetensors", "heads/residual.safetensors"} <= set(
+        report["weights_sha256"])
+    assert "validation split" in report["thresholds"]["refinement"]["provenance"]
+    assert report["total_s"] > 0 and "inpainting" in report["timings_s"]
+    assert (out / "mask_qc.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("anomaly", "roi", "pseudo_healthy", "pixel_residual", "feature_residual", "refined_probability"):
+        assert load_volume(out / "maps" / f"mask_{name}.nii.gz").shape == tumor.shape
+    assert (tmp_path / "case.nii.gz").read_bytes() == before  # the input is untouched
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_segment_bad_input_is_one_clean_line_and_nothing_written(tmp_path, case, capsys):
+    make, expected = BAD_INPUTS[case]
+    path = make(tmp_path)
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "--organ", "liver", "-o", str(out / "mask.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_segment_refuses_an_empty_prompt_a_missing_organ_and_a_bad_csv(tmp_path, capsys):
+    image = tmp_path / "case.nii.gz"
+    case = phantoms.generate_case("liver", 0, 3000, (32, 32, 16))
+    save_volume(case.image, case.affine, image)
+    assert main(["segment", str(image), "--organ", "liver", "--prompt", " ", "-o", str(tmp_path / "m.nii.gz")]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert main(["segment", str(image), "-o", str(tmp_path / "m.nii.gz")]) == 2
+    assert "--organ" in capsys.readouterr().err
+    (tmp_path / "cases.csv").write_text("path,organ\ncase.nii.gz,liver\n")
+    assert main(["segment", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 2
+    assert "'image' column" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_segment_batch_skips_a_bad_case_and_goes_on(tmp_path, capsys):
+    case = phantoms.generate_case("liver", 0, 3000)
+    save_volume(case.image, case.affine, tmp_path / "good.nii.gz")
+    (tmp_path / "broken.nii.gz").write_bytes(b"not gzip at all")
+    with (tmp_path / "cases.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerows([["image", "organ", "case_id"], ["broken.nii.gz", "liver", "broken"],
+                          ["good.nii.gz", "liver", "good"]])
+    jobs = segment_cases(tmp_path / "cases.csv", organ=None, out=tmp_path / "out")
+    assert [j.case_id for j in jobs] == ["broken", "good"] and jobs[1].mask == tmp_path / "out" / "good_mask.nii.gz"
+    assert main(["segment", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "broken" in captured.err and "skipped" in captured.err and "1 of 2 cases segmented" in captured.out
+    mask = load_volume(tmp_path / "out" / "good_mask.nii.gz", dtype=np.uint8).array > 0
+    assert dice(mask, case.tumor > 0) > 0.3
+    assert not (tmp_path / "out" / "broken_mask.nii.gz").exists()
+
+
+def test_shipped_residual_head_is_of_the_shipped_setting_and_validated():
+    from diffugts_core.heads import heads_folder
+
+    trained = TrainedResidualHead.load(heads_folder("default"))
+    assert trained.setting == "seen-unseen"
+    assert trained.thresholds.provenance.startswith("validation split of seen categories")
