@@ -88,3 +88,34 @@ def test_04_anomaly_detection(tmp_path):
     assert set(summary["auroc"]) == {"lung", "colon", "hepatic_vessel"}
     assert all(0 <= v <= 1 for v in summary["auroc"].values())
     assert "validation split" in summary["thresholds"]["provenance"]
+
+
+@pytest.mark.notebook
+def test_00_quickstart(tmp_path):
+    _execute(ROOT / "notebooks" / "00_quickstart.ipynb", tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["case"] == "hepatic_vessel_000" and summary["organ"] == "liver"  # unseen by the shipped heads
+    assert summary["dsc"] > 0.2 and summary["mask_voxels"] > 0  # the mask lies on the tumor
+    assert Path(summary["mask_file"]).is_file() and "inpainting" in summary["timings"]
+
+
+@pytest.mark.notebook
+def test_05_latent_inpainting(tmp_path):
+    _execute(ROOT / "notebooks" / "05_latent_inpainting.ipynb", tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    hu = summary["mean_hu"]
+    before = abs(hu["input, in the tumor"] - hu["healthy organ around it"])
+    after = abs(hu["pseudo-healthy, in the tumor"] - hu["healthy organ around it"])
+    assert after < 0.5 * before  # the pseudo-healthy tumor looks like the liver around it
+    assert summary["steps"] == 8 and summary["spread_mean_hu"] > 0  # smoke mode: 8 steps, 2 seeds
+    assert summary["roi_seconds"] > 0 and summary["full_slice_seconds"] > 0
+
+
+@pytest.mark.notebook
+def test_06_residual_refinement(tmp_path):
+    _execute(ROOT / "notebooks" / "06_residual_refinement.ipynb", tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["dsc"]) == {"AOVA + detection", "fusion", "residual head"}
+    assert {r["category"] for r in summary["rows"]} == {"lung", "colon", "hepatic_vessel"}
+    assert "validation split" in summary["thresholds"]
+    assert summary["p_in_tumor"] > 2 * summary["p_rest_of_roi"]  # the head is surer inside the (unseen) tumor
