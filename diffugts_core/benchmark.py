@@ -51,7 +51,7 @@ def speed_benchmark(cases: int = 3, *, shape=(128, 128, 64), device="auto") -> d
         rows.append(row)
     stages = list(rows[0][default_path]["timings_s"])
     mean = lambda path, key: float(np.mean([r[path][key] for r in rows]))  # noqa: E731
-    inpaint = {path: float(np.mean([r[path]["timings_s"]["inpainting"] for r in rows])) for path in ("roi", "full_slice")}
+    inpaint = {path: float(np.mean([r[path]["timings_s"]["inpainting"] for r in rows])) for path in paths}
     return {
         "shape": list(shape), "cases": rows, "load_s": load_s, "device": str(pipeline.backbone.device),
         "default_path": default_path,

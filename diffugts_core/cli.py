@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "organ (optional: modality, organ_mask, case_id); -o is then a folder, and a bad case is "
                              "reported and skipped while the rest go on (exit code 1 if any failed).")
     segment.add_argument("image", type=Path, help="CT (HU) or MRI volume (.nii/.nii.gz), a folder of them, or a CSV")
-    segment.add_argument("--organ", help="organ to look in, e.g. liver, lung, colon, brain (a CSV may give it per case)")
+    segment.add_argument("--organ", help="organ to look in, e.g. liver, lung, colon, brain (a CSV may give it per "
+                         "case)")
     segment.add_argument("--prompt", help="free-text abnormal prompt, e.g. 'a CT scan of a spleen with a lesion'")
     segment.add_argument("--modality", default="CT", type=str.upper, choices=("CT", "MRI"))
     segment.add_argument("--organ-mask", type=Path, help="binary organ mask on the image grid (else found by the maps)")
@@ -510,9 +511,9 @@ def _run_segment(args) -> int:
     for case in cases:
         start = time.perf_counter()
         try:
-            written = case.run(pipeline, inputs=inputs, prompt=args.prompt, seeds=args.seeds, seed=args.seed, method=args.method,
-                               report=args.report, png=args.png, intermediates=args.save_intermediates,
-                               progress=not args.no_progress)
+            written = case.run(pipeline, inputs=inputs, prompt=args.prompt, seeds=args.seeds, seed=args.seed,
+                               method=args.method, report=args.report, png=args.png,
+                               intermediates=args.save_intermediates, progress=not args.no_progress)
         except InputError as exc:
             if not batch:
                 raise

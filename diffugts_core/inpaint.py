@@ -85,7 +85,8 @@ def inpaint_slices(backbone: FrozenBackbone, x: torch.Tensor, mask: torch.Tensor
     for j, (rows, cols) in windows:
         key = (rows.stop - rows.start, cols.stop - cols.start) if config.roi else "whole slices"
         by_size.setdefault(key, []).append((j, (rows, cols)))
-    batches = [group[i:i + config.batch_size] for group in by_size.values() for i in range(0, len(group), config.batch_size)]
+    size = config.batch_size
+    batches = [group[i:i + size] for group in by_size.values() for i in range(0, len(group), size)]
     for sample in range(config.samples):
         generator = torch.Generator().manual_seed(config.seed + sample)
         z = z_known.clone()
@@ -95,7 +96,7 @@ def inpaint_slices(backbone: FrozenBackbone, x: torch.Tensor, mask: torch.Tensor
             denoised = _denoise(backbone, scheduler, z0, m, cond, uncond, config, generator, on_step)
             for k, (j, (rows, cols)) in enumerate(batch):  # only the masked cells: windows of one slice may overlap
                 z[j, :, rows, cols] = torch.where(m[k].bool(), denoised[k], z[j, :, rows, cols])
-        decoded = torch.cat([backbone.decode(z[i:i + config.batch_size]) for i in range(0, len(todo), config.batch_size)])
+        decoded = torch.cat([backbone.decode(z[i:i + size]) for i in range(0, len(todo), size)])
         pixel = mask[todo].to(decoded.dtype).expand_as(decoded)
         results[sample, todo] = pixel * decoded.cpu() + (1 - pixel) * x[todo]
     return results

@@ -38,7 +38,8 @@ from .text import check_prompt
 
 @dataclass
 class SegmentationResult:
-    """One case through the pipeline. Maps are on the processing grid; ``mask`` (and ``to_input_grid``) on the input's."""
+    """One case through the pipeline. Maps are on the processing grid; ``mask`` (and ``to_input_grid``) on the
+    input's."""
 
     mask: np.ndarray  # final tumor mask on the input grid (bool)
     affine: np.ndarray  # the input's affine
@@ -187,9 +188,10 @@ def evaluate_refinement(pipeline: DiffuGTSPipeline, *, test_per_category: int = 
                             pipeline.residual.config.min_voxels)
         covered = tumor & result.residuals.roi
         organ = case.organ_mask(case.category) & ~tumor
-        row = {"case": case.case_id, "category": case.category, "roi_tumor_coverage": float(covered.sum() / tumor.sum()),
-               "hu_input_in_tumor": float(case.image[covered].mean()) if covered.any() else float("nan"),
-               "hu_healthy_in_tumor": float(result.residuals.healthy[covered].mean()) if covered.any() else float("nan"),
+        mean_in = lambda volume: float(volume[covered].mean()) if covered.any() else float("nan")  # noqa: E731
+        row = {"case": case.case_id, "category": case.category,
+               "roi_tumor_coverage": float(covered.sum() / tumor.sum()),
+               "hu_input_in_tumor": mean_in(case.image), "hu_healthy_in_tumor": mean_in(result.residuals.healthy),
                "hu_organ": float(case.image[organ].mean()), "seconds": sum(result.timings.values())}
         for method, mask in (("aova", result.detection.kept), ("fusion", fusion), ("full", result.refined)):
             row[f"dsc_{method}"] = dice(mask, tumor)
@@ -274,7 +276,8 @@ def write_segmentation(pipeline: DiffuGTSPipeline, result: SegmentationResult, m
                          images={"pseudo-healthy": result.residuals.healthy},
                          maps={"S": result.aova.anomaly, "|I - H| / 200": np.clip(residual / 200, 0, 1),
                                "refined p": result.probability}, truth=truth,
-                         title=f"{stem}: {result.organ}, mask in red" + ("; truth in cyan" if truth is not None else ""))
+                         title=f"{stem}: {result.organ}, mask in red"
+                         + ("; truth in cyan" if truth is not None else ""))
     written.append(viz.save_figure(figure, png))
     return written
 
@@ -317,7 +320,8 @@ def segment_cases(source: Path, *, organ: str | None, modality: str = "CT", orga
 
     source = Path(source)
     if not source.exists():
-        raise InputError(f"{source}: not found; pass a NIfTI volume (.nii or .nii.gz), a folder of them, or a CSV of cases")
+        raise InputError(f"{source}: not found; pass a NIfTI volume (.nii or .nii.gz), a folder of them, "
+                         "or a CSV of cases")
 
     def stem(path: Path) -> str:
         return path.name.removesuffix(".gz").removesuffix(".nii")

@@ -3,19 +3,20 @@
 - Pixel residual R_p = |I - H|, both in one normalisation (CT: a soft-tissue window; MRI: the backbone's model space).
 - Feature residual R_f = sum over the frozen encoder's three stages of upsample(1 - cos(F_l(I), F_l(H))).
 - Residual head: a small convolutional network on [I, H, R_p (signed, smoothed), R_f, S] that outputs refined tumor
-  logits inside the region of interest (the enlarged coarse mask). Trained with Dice + BCE on the seen categories of a setting only;
-  its threshold comes from the setting's validation split.
+  logits inside the region of interest (the enlarged coarse mask). Trained with Dice + BCE on the seen categories of a
+  setting only; its threshold comes from the setting's validation split.
 - Training-free fusion (the baseline kept beside it): R_p and R_f, each divided by its 99th percentile inside the
   region of interest, averaged, thresholded.
 
-Pseudo-healthy images for training are computed once and cached on disk, keyed by a hash of the image, the region,
-the preprocessing version, the model's weights and the inpainting settings.
+Pseudo-healthy images for training are computed once and cached on disk, keyed by a hash of the image, the region of
+interest, the preprocessing and inpainting versions, the inpainting settings and the model's weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,7 @@ class Residuals:
     roi: np.ndarray  # enlarged coarse mask (bool)
     healthy: np.ndarray  # H, image units
     spread: np.ndarray  # voxelwise std over inpainting samples (0 with one sample)
-    pixel: np.ndarray  # R_p, model units
+    pixel: np.ndarray  # R_p = |I - H| in head_intensity units
     feature: np.ndarray  # R_f
 
 
@@ -208,16 +209,21 @@ def _cache_key(backbone, image, roi, modality, region, organ, config: InpaintCon
     return digest.hexdigest()[:32]
 
 
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # one hash per loaded backbone
+
+
 def model_fingerprint(backbone) -> str:
-    """sha256 of the frozen model's weights (what a cached pseudo-healthy image depends on)."""
-    if getattr(backbone, "_fingerprint", None) is None:
+    """sha256 of the frozen model's weights (what a cached pseudo-healthy image depends on): every torch module the
+    backbone holds, whatever its architecture."""
+    if backbone not in _FINGERPRINTS:
         digest = hashlib.sha256()
-        for module in (backbone.vae, backbone.unet):
+        modules = [(name, value) for name, value in sorted(vars(backbone).items()) if isinstance(value, nn.Module)]
+        for module_name, module in modules:
             for name, tensor in sorted(module.state_dict().items()):
-                digest.update(name.encode())
+                digest.update(f"{module_name}.{name}".encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        backbone._fingerprint = digest.hexdigest()
-    return backbone._fingerprint
+        _FINGERPRINTS[backbone] = digest.hexdigest()
+    return _FINGERPRINTS[backbone]
 
 
 def fusion_map(residuals: Residuals) -> np.ndarray:

@@ -125,3 +125,16 @@ def test_shipped_residual_head_is_of_the_shipped_setting_and_validated():
     trained = TrainedResidualHead.load(heads_folder("default"))
     assert trained.setting == "seen-unseen"
     assert trained.thresholds.provenance.startswith("validation split of seen categories")
+
+
+def test_evaluate_refinement_reports_every_unseen_category_and_the_pseudo_healthy_hu(tmp_path, capsys):
+    assert main(["evaluate-refinement", "--test-per-category", "1", "--json", str(tmp_path / "r.json"),
+                 "--no-progress"]) == 0
+    assert "mean dsc_full" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = {r["category"]: r for r in report["categories"]}
+    assert set(rows) == {"lung", "colon", "hepatic_vessel"} and len(report["cases"]) == 3
+    vessel = rows["hepatic_vessel"]
+    assert abs(vessel["hu_healthy_in_tumor"] - vessel["hu_organ"]) < abs(vessel["hu_input_in_tumor"] - vessel["hu_organ"])
+    assert all({"dsc_aova", "dsc_fusion", "dsc_full", "nsd_full"} <= set(r) for r in rows.values())
+    assert "validation split" in vessel["thresholds"]["refinement"]
