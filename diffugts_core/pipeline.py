@@ -80,12 +80,12 @@ class DiffuGTSPipeline:
     """Backbone + text encoder + AOVA/region heads + residual head of one zero-shot setting."""
 
     def __init__(self, backbone, text_encoder, heads: TrainedHeads, residual: TrainedResidualHead, *,
-                 heads_folder: Path | None = None):
+                 source: Path | None = None):
         if residual.setting != heads.setting:
             raise InputError(f"the residual head was trained for {residual.setting}, the AOVA heads for "
                              f"{heads.setting}; use heads and residual head of one setting (one train-heads folder)")
         self.backbone, self.text_encoder, self.heads, self.residual = backbone, text_encoder, heads, residual
-        self.heads_folder = heads_folder  # where the heads came from (reports hash their weights)
+        self.heads_folder = source  # where the heads came from (reports hash their weights)
 
     @classmethod
     def from_pretrained(cls, heads: str | Path = "default", model: str | Path = "default", *, device="auto"):
@@ -96,8 +96,7 @@ class DiffuGTSPipeline:
         folder = heads_folder(heads)
         backbone = load_backbone(model, device=device)
         text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder, device=device)
-        return cls(backbone, text_encoder, TrainedHeads.load(folder), TrainedResidualHead.load(folder),
-                   heads_folder=folder)
+        return cls(backbone, text_encoder, TrainedHeads.load(folder), TrainedResidualHead.load(folder), source=folder)
 
     def __call__(self, volume: Volume, organ: str, *, modality: str = "CT", prompt: str | None = None,
                  organ_mask: Volume | None = None, seeds: int = 1, seed: int = 0, method: str = "head",
@@ -188,10 +187,10 @@ def evaluate_refinement(pipeline: DiffuGTSPipeline, *, test_per_category: int = 
                             pipeline.residual.config.min_voxels)
         covered = tumor & result.residuals.roi
         organ = case.organ_mask(case.category) & ~tumor
-        mean_in = lambda volume: float(volume[covered].mean()) if covered.any() else float("nan")  # noqa: E731
         row = {"case": case.case_id, "category": case.category,
                "roi_tumor_coverage": float(covered.sum() / tumor.sum()),
-               "hu_input_in_tumor": mean_in(case.image), "hu_healthy_in_tumor": mean_in(result.residuals.healthy),
+               "hu_input_in_tumor": _mean_inside(case.image, covered),
+               "hu_healthy_in_tumor": _mean_inside(result.residuals.healthy, covered),
                "hu_organ": float(case.image[organ].mean()), "seconds": sum(result.timings.values())}
         for method, mask in (("aova", result.detection.kept), ("fusion", fusion), ("full", result.refined)):
             row[f"dsc_{method}"] = dice(mask, tumor)
@@ -211,6 +210,11 @@ def evaluate_refinement(pipeline: DiffuGTSPipeline, *, test_per_category: int = 
                     else float("nan")
         rows.append(row)
     return rows, per_case
+
+
+def _mean_inside(volume: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of ``volume`` inside ``mask``; NaN for an empty mask (a tumor the ROI does not reach)."""
+    return float(volume[mask].mean()) if mask.any() else float("nan")
 
 
 # ---- outputs ---------------------------------------------------------------------------------------

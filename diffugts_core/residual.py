@@ -209,7 +209,7 @@ def _cache_key(backbone, image, roi, modality, region, organ, config: InpaintCon
     return digest.hexdigest()[:32]
 
 
-_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # one hash per loaded backbone
+_FINGERPRINTS = weakref.WeakKeyDictionary()  # one hash per loaded backbone
 
 
 def model_fingerprint(backbone) -> str:
