@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--volumes-per-region", type=int, default=12, help="healthy volumes per region (default 12)")
     train.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     train.add_argument("--data-seed", type=int, default=1000, help="PhantomBench seed of the training data")
+    train.add_argument("--crop-fraction", type=float, default=0.0,
+                       help="share of UNet batches that are random latent crops (default 0)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     train.add_argument("--register", metavar="NAME", help="also record every file's sha256 in models/registry.yaml")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -211,9 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("benchmark", help="speed: per-stage time and peak memory of the default pipeline",
                            description="--speed: segment a 128x128x64 PhantomBench CT case at default settings, print "
                            "per-stage time and peak memory, and ROI-cropped vs full-slice inpainting side by side "
-                           "(time ratio and DSC of both).")
-    bench.add_argument("--speed", action="store_true", required=True, help="the speed benchmark (the only one so far)")
-    bench.add_argument("--cases", type=int, default=3, help="cases (default 3: liver, hepatic vessel, kidney)")
+                           "(time ratio and DSC of both). --windows: ROI windows of several contexts against whole "
+                           "slices on validation cases (time, and MAE of the pseudo-healthy image against the truth).")
+    which = bench.add_mutually_exclusive_group(required=True)
+    which.add_argument("--speed", action="store_true", help="the speed benchmark")
+    which.add_argument("--windows", action="store_true", help="the ROI-window study")
+    bench.add_argument("--cases", type=int, default=3, help="--speed: cases (default 3: liver, hepatic vessel, kidney)")
+    bench.add_argument("--per-category", type=int, default=2,
+                       help="--windows: validation cases per seen category (default 2)")
+    bench.add_argument("--model", default="default", help="--windows: foundation model folder (default: shipped)")
     bench.add_argument("--json", type=Path, help="also write the figures as JSON")
     bench.set_defaults(run=_run_benchmark)
     return parser
@@ -315,11 +323,14 @@ def _run_train_foundation(args) -> int:
 
     if min(args.steps, args.vae_steps, args.volumes_per_region) < 1:
         raise InputError("--steps, --vae-steps and --volumes-per-region must be at least 1")
+    if not 0 <= args.crop_fraction <= 1:
+        raise InputError(f"--crop-fraction must be between 0 and 1, got {args.crop_fraction}")
     config = FoundationTrainingConfig(unet_steps=args.steps, vae_steps=args.vae_steps, seed=args.seed,
-                                      data_seed=args.data_seed, volumes_per_region=args.volumes_per_region)
+                                      data_seed=args.data_seed, volumes_per_region=args.volumes_per_region,
+                                      crop_fraction=args.crop_fraction)
     command = f"diffugts train-foundation --out {args.out} --steps {args.steps} --vae-steps {args.vae_steps} " \
         f"--volumes-per-region {args.volumes_per_region} --seed {args.seed} --data-seed {args.data_seed}" \
-        + (" --resume" if args.resume else "")
+        + (f" --crop-fraction {args.crop_fraction:g}" if args.crop_fraction else "") + (" --resume" if args.resume else "")
     start = time.perf_counter()
     folder = train_foundation(args.out, config, resume=args.resume, progress=not args.no_progress, command=command)
     print(f"wrote {folder} in {(time.perf_counter() - start) / 60:.1f} min")
@@ -552,12 +563,17 @@ def _run_evaluate_refinement(args) -> int:
 
 
 def _run_benchmark(args) -> int:
-    from .benchmark import format_speed_report, speed_benchmark
+    from .benchmark import format_speed_report, format_window_study, speed_benchmark, window_study
+    from .pipeline import DiffuGTSPipeline
 
-    if args.cases < 1:
-        raise InputError("--cases must be at least 1")
-    report = speed_benchmark(cases=args.cases)
-    print(format_speed_report(report))
+    if min(args.cases, args.per_category) < 1:
+        raise InputError("--cases and --per-category must be at least 1")
+    if args.windows:
+        report = window_study(DiffuGTSPipeline.from_pretrained(model=args.model), per_category=args.per_category)
+        print(format_window_study(report))
+    else:
+        report = speed_benchmark(cases=args.cases)
+        print(format_speed_report(report))
     if args.json:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0

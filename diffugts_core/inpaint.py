@@ -39,6 +39,7 @@ class InpaintConfig:
     roi: bool = False  # True: denoise latent windows around the lesions only (measured: no faster with scattered
     # candidates, and 2 DSC points lower; see docs/refinement_findings.md); False: the masked slices, whole
     context: int = 6  # latent cells of known context around each lesion group's bounding box, on each side
+    window_multiple: int = 8  # window sides are multiples of this many latent cells: few sizes, large batches
 
 
 def enlarge_mask(mask: np.ndarray, spacing, margin_mm: float) -> np.ndarray:
@@ -75,9 +76,8 @@ def inpaint_slices(backbone: FrozenBackbone, x: torch.Tensor, mask: torch.Tensor
                          for i in range(0, len(todo), config.batch_size)])
     cells = latent_mask(mask[todo], backbone.latent_downsample).to(z_known.device)
     full = (slice(None), slice(None))
-    # window sides: multiples of a quarter of the latent slice (few distinct sizes batch together), and of what the
-    # denoiser's down-sampling needs
-    quantum = max(backbone.denoiser_multiple, min(cells.shape[-2:]) // 4)
+    multiple = backbone.denoiser_multiple  # what the denoiser's down-sampling needs
+    quantum = min(-(-config.window_multiple // multiple) * multiple, *cells.shape[-2:])
     # (row in todo, window): whole slices, or windows around groups of nearby lesions, denoised in batches of one size
     windows = [(j, w) for j in range(len(todo))
                for w in (lesion_windows(cells[j, 0], config.context, quantum) if config.roi else [full])]

@@ -5,11 +5,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from diffugts_core import phantoms
 from diffugts_core.backbone import DEFAULT_MODEL, DiffusersSliceBackbone, SliceBackboneConfig
 from diffugts_core.backbone.registry import load_registry, models_root, verified_model_path
-from diffugts_core.backbone.training import caption, healthy_training_slices, train_foundation
+from diffugts_core.backbone.training import caption, healthy_training_slices, random_crops, train_foundation
 
 from .test_backbone import TINY
 
@@ -42,6 +43,21 @@ def test_caption_names_the_organs_in_view():
     assert caption(labels, "abdomen", "CT") == "a CT scan of the abdomen showing liver, kidneys"
 
 
+def test_random_crops_are_windows_of_the_latents_with_sides_the_unet_accepts():
+    z = torch.arange(6 * 4 * 32 * 32, dtype=torch.float32).view(6, 4, 32, 32)
+    generator = torch.Generator().manual_seed(0)
+    sizes = set()
+    for _ in range(20):
+        crops = random_crops(z, 8, generator)
+        h, w = crops.shape[-2:]
+        sizes.add((h, w))
+        assert crops.shape[:2] == (6, 4) and 8 <= h <= 32 and 8 <= w <= 32 and h % 4 == 0 and w % 4 == 0
+        for latent, crop in zip(z, crops):  # each crop is a contiguous window of its own latent
+            row, col = divmod(int(crop[0, 0, 0] - latent[0, 0, 0]), 32)
+            assert torch.equal(crop, latent[:, row:row + h, col:col + w])
+    assert len(sizes) > 5  # the sizes vary
+
+
 def test_tiny_training_writes_a_loadable_model_and_resumes(tmp_path):
     out = train_foundation(tmp_path / "m", TINY, progress=False, command="test")
     backbone = DiffusersSliceBackbone.from_pretrained(out, device="cpu")
@@ -50,10 +66,12 @@ def test_tiny_training_writes_a_loadable_model_and_resumes(tmp_path):
     assert "healthy" in (out / "README.md").read_text()
     state = json.loads((out / "checkpoints" / "state.json").read_text())
     assert state["vae_step"] == 2 and state["unet_step"] == 2
-    longer = replace(TINY, unet_steps=3)
+    longer = replace(TINY, unet_steps=3, crop_fraction=1.0, crop_min=4)  # fine-tuned on crops from step 2
     train_foundation(tmp_path / "m", longer, resume=True, progress=False)
     state = json.loads((out / "checkpoints" / "state.json").read_text())
     assert state["unet_step"] == 3 and state["vae_step"] == 2  # the VAE was not trained again
+    assert state["crops_from_step"] == 2 and "from step 2, 100% of batches random latent crops" in \
+        (out / "README.md").read_text()
 
 
 # ---- the shipped default -------------------------------------------------------------------

@@ -138,3 +138,40 @@ def test_evaluate_refinement_reports_every_unseen_category_and_the_pseudo_health
     assert abs(vessel["hu_healthy_in_tumor"] - vessel["hu_organ"]) < abs(vessel["hu_input_in_tumor"] - vessel["hu_organ"])
     assert all({"dsc_aova", "dsc_fusion", "dsc_full", "nsd_full"} <= set(r) for r in rows.values())
     assert "validation split" in vessel["thresholds"]["refinement"]
+
+
+def test_window_study_compares_paths_on_validation_cases_only(pipeline):
+    from diffugts_core.benchmark import format_window_study, window_study
+    from diffugts_core.heads import role_categories
+
+    report = window_study(pipeline, per_category=1, variants=((2, 4),), steps=2)
+    seen = role_categories(pipeline.heads.setting, "seen")
+    assert report["cases"] == [f"{c}_000" for c in seen]  # one validation case per seen category, no unseen one
+    whole, windows = report["paths"]
+    assert whole["path"] == "whole slices" and whole["speedup"] == pytest.approx(1.0)
+    assert windows["path"] == "windows: context 2, sides x4" and windows["seconds"] > 0
+    assert len(report["per_case"]) == 2 * len(seen)
+    assert all(0 < r["mae_roi_hu"] < 1000 for r in report["per_case"])
+    assert "windows: context 2, sides x4" in format_window_study(report)
+
+
+def test_speed_report_bounds_the_window_speed_up_by_what_both_paths_pay():
+    from diffugts_core.benchmark import codec_seconds, format_speed_report
+
+    from .test_backbone import tiny_backbone
+
+    backbone = tiny_backbone()
+    image = np.zeros((32, 32, 6), np.float32)
+    roi = np.zeros(image.shape, bool)
+    assert codec_seconds(backbone, image, "CT", roi, 4) < 0.05  # no ROI slice: nothing to encode
+    roi[10:14, 10:14, 2:4] = True
+    assert codec_seconds(backbone, image, "CT", roi, 4) > 0
+    path = {"timings_s": {"inpainting": 10.0}, "total_s": 12.0, "dsc": 0.5, "mae_hu": 50.0, "roi_voxels": 32,
+            "roi_slices": 2}
+    report = {"cases": [{"case": "liver_000", "roi": path, "full_slice": path}], "shape": [32, 32, 6], "device": "cpu",
+              "load_s": 0.1, "default_path": "full_slice", "stages_mean_s": {"inpainting": 10.0},
+              "total_mean_s": {"roi": 12.0, "full_slice": 12.0}, "inpainting_mean_s": {"roi": 5.0, "full_slice": 10.0},
+              "inpainting_speedup": 2.0, "dsc_mean": {"roi": 0.5, "full_slice": 0.5},
+              "mae_hu_mean": {"roi": 50.0, "full_slice": 50.0}, "codec_mean_s": 2.5, "peak_memory_mb": 100.0}
+    text = format_speed_report(report)
+    assert "2.00x as fast as whole-slice" in text and "at most 4.00x as fast" in text  # 10 s / 2.5 s

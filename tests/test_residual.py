@@ -59,7 +59,7 @@ def test_roi_inpainting_denoises_only_windows_around_the_lesions():
     mask = torch.zeros(3, 1, 32, 32, dtype=torch.bool)
     mask[0, 0, 2:5, 2:5] = True  # a small lesion in one corner
     mask[2, 0, 26:30, 26:30] = True  # and one in the other, on another slice
-    config = InpaintConfig(steps=2, context=1, roi=True)
+    config = InpaintConfig(steps=2, context=1, roi=True, window_multiple=4)
     x = torch.rand(3, 1, 32, 32) * 2 - 1
     roi_shapes, roi = _denoiser_inputs(backbone, config, x, mask)
     full_shapes, full = _denoiser_inputs(backbone, replace(config, roi=False), x, mask)

@@ -53,6 +53,10 @@ class FoundationTrainingConfig:
     unet_lr: float = 5e-4
     unet_channels: tuple[int, ...] = (32, 64, 128)
     caption_dropout: float = 0.1
+    # a share of UNet batches are random latent crops, so the denoiser also works on windows around a lesion (ROI
+    # inpainting) and does not take a window's edge for the edge of the body
+    crop_fraction: float = 0.0
+    crop_min: int = 8  # smallest crop side in latent cells (sides are multiples of 4, the UNet's down-sampling)
     checkpoint_every: int = 200
     bf16: bool = True  # autocast on the CPU: 1.5-2.6x faster here
 
@@ -148,7 +152,8 @@ def train_foundation(out: str | Path, config: FoundationTrainingConfig = Foundat
     backbone = DiffusersSliceBackbone(vae, unet, inference_scheduler, backbone_config, device="cpu")
     backbone.save_pretrained(out)
     write_text_atomic(out / "README.md", model_card(config, case_ids, len(captions), timings,
-                                                     " && ".join(state["commands"]), vae, unet))
+                                                     " && ".join(state["commands"]), vae, unet,
+                                                     state.get("crops_from_step")))
     return out
 
 
@@ -185,6 +190,8 @@ def _train_unet(unet, latents, conds, scheduler, config, checkpoints, state, pro
     tokens, masks, caption_index, empty = conds
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.0)
     start = _restore(unet, optimizer, checkpoints, "unet", state["unet_step"])
+    if config.crop_fraction:
+        state.setdefault("crops_from_step", start)
     generator = torch.Generator().manual_seed(config.seed + 2)
     unet.train()
     bar = tqdm(range(start, config.unet_steps), desc="UNet", disable=not progress, initial=start,
@@ -193,6 +200,8 @@ def _train_unet(unet, latents, conds, scheduler, config, checkpoints, state, pro
         _cosine_lr(optimizer, config.unet_lr, step, config.unet_steps)
         pick = torch.randint(len(latents), (config.unet_batch,), generator=generator)
         z0 = latents[pick]
+        if config.crop_fraction and torch.rand((), generator=generator) < config.crop_fraction:
+            z0 = random_crops(z0, config.crop_min, generator)
         which = caption_index[pick].clone()
         which[torch.rand(len(pick), generator=generator) < config.caption_dropout] = empty
         noise = torch.randn(z0.shape, generator=generator)
@@ -204,6 +213,14 @@ def _train_unet(unet, latents, conds, scheduler, config, checkpoints, state, pro
         loss = torch.nn.functional.mse_loss(predicted.float(), noise)
         _update(unet, optimizer, loss, step, config.unet_steps, "unet", checkpoints, state, config.checkpoint_every)
         bar.set_postfix(mse=f"{loss.item():.4f}")
+
+
+def random_crops(z: torch.Tensor, smallest: int, generator: torch.Generator, multiple: int = 4) -> torch.Tensor:
+    """One crop size for the batch (sides drawn from multiples of ``multiple``), a random place per latent."""
+    sides = [torch.randint(smallest // multiple, n // multiple + 1, (), generator=generator).item() * multiple
+             for n in z.shape[-2:]]
+    starts = [torch.randint(0, n - side + 1, (len(z),), generator=generator) for n, side in zip(z.shape[-2:], sides)]
+    return torch.stack([z[i, :, r:r + sides[0], c:c + sides[1]] for i, (r, c) in enumerate(zip(*starts))])
 
 
 def _update(model, optimizer, loss, step: int, total: int, name: str, checkpoints: Path, state: dict, every: int):
@@ -246,10 +263,12 @@ def _save_state(folder: Path, state: dict) -> None:
     write_text_atomic(folder / "state.json", json.dumps(state, indent=2))
 
 
-def model_card(config, case_ids, n_slices, timings, command, vae, unet) -> str:
+def model_card(config, case_ids, n_slices, timings, command, vae, unet, crops_from_step: int | None = None) -> str:
     seconds = sum(timings.values())
     vae_params = sum(p.numel() for p in vae.parameters()) / 1e6
     unet_params = sum(p.numel() for p in unet.parameters()) / 1e6
+    crops = (f"; from step {crops_from_step or 0}, {config.crop_fraction:.0%} of batches random latent crops "
+             f"(sides {config.crop_min}-{config.shape[0] // 4} cells)" if config.crop_fraction else "")
     regions = {r: sum(c.startswith(f"healthy_{r}") for c in case_ids) for r in REGIONS}
     return f"""---
 license: apache-2.0
@@ -275,7 +294,7 @@ teaching kit. Not a clinical model; it knows only PhantomBench anatomy.
   "a CT scan of the abdomen showing liver, spleen, kidneys"; {config.caption_dropout:.0%} caption dropout.
 - **Training**: seed {config.seed}; VAE {config.vae_steps} steps x batch {config.vae_batch} (L1 + {config.kl_weight:g} KL,
   AdamW {config.vae_lr:g}, cosine); UNet {config.unet_steps} steps x batch {config.unet_batch} (noise MSE, AdamW
-  {config.unet_lr:g}, cosine); bf16 autocast: {config.bf16}. Took {seconds / 60:.1f} min on a 2-core CPU
+  {config.unet_lr:g}, cosine{crops}); bf16 autocast: {config.bf16}. Took {seconds / 60:.1f} min on a 2-core CPU
   (VAE {timings.get('vae', 0) / 60:.1f} min, UNet {timings.get('unet', 0) / 60:.1f} min, in all runs below).
 - **Reproduce** (the runs that made it, in order): `{command}`
 - **Licence**: Apache-2.0 (weights and code). The MNI152 template that the brain slices come from is
