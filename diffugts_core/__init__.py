@@ -5,13 +5,15 @@ Stages (one module each): ``io`` (NIfTI in/out), ``preprocess`` (orientation, sp
 ``backbone`` (the frozen foundation diffusion model), ``aova`` (anomaly-aware attention maps),
 ``detect`` (region-level detection), ``heads`` (training and running the small heads per zero-shot
 setting), ``inpaint`` (pseudo-healthy synthesis), ``residual`` (pixel and feature residuals, the residual head),
-``pipeline`` (all stages composed, volume in, mask out), ``metrics`` (DSC, NSD, AUROC), ``benchmark`` (speed),
+``pipeline`` (all stages composed, volume in, mask out), ``metrics`` (DSC, NSD, AUROC), ``benchmark`` (speed, and the
+zero-shot table with its baselines and ablations),
 ``viz`` (pictures), ``cli`` (the ``diffugts`` command).
 """
 
 __version__ = "0.1.0"
 
 from .backbone import load_backbone
+from .benchmark import ZeroShotConfig, zero_shot_benchmark
 from .heads import HeadsConfig, TrainedHeads, detect_case, detect_volume, load_heads, run_aova, train_heads
 from .inpaint import InpaintConfig, pseudo_healthy
 from .pipeline import DiffuGTSPipeline, SegmentationResult
@@ -32,5 +34,5 @@ __all__ = [
     "load_heads", "load_image_and_label", "load_manifest", "load_organ_mask", "load_tumor_mask", "load_volume",
     "montage", "normalize_mri", "plan_spatial", "pseudo_healthy", "ResidualConfig", "roc_curve", "run_aova",
     "save_figure", "save_volume", "SegmentationResult", "summarize", "surface_dice", "train_heads",
-    "train_residual_head", "TrainedResidualHead", "window_ct",
+    "train_residual_head", "TrainedResidualHead", "window_ct", "ZeroShotConfig", "zero_shot_benchmark",
 ]

@@ -3,20 +3,28 @@
 ``speed_benchmark``: the default pipeline on 128x128x64 PhantomBench CT cases, per-stage time and peak memory, and the
 ROI-window vs whole-slice inpainting paths side by side on the same cases in one run (time ratio, DSC of both).
 ``window_study``: how much context a window needs: time and pseudo-healthy error of windows of several contexts.
+``zero_shot_benchmark``: the paper's table on PhantomBench: every method (the reconstruction baseline, the ablation
+rows, DiffuGTS, a non-generative fill) on every unseen test case of a setting, with every threshold's provenance.
 """
 
 from __future__ import annotations
 
 import resource
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import phantoms
 from .aova import CATEGORY_ORGAN
-from .metrics import dice
+from .heads import SEEDS, detect_case, find_regions, role_categories, run_aova, split_cases
+from .inpaint import healthy_conditioning, reconstruct, ring_fill
+from .metrics import detection_auroc, dice, surface_dice
+from .residual import (coarse_roi, final_mask, head_inputs, inpaint_region, pixel_residual, refined_probability,
+                       residuals_of, scaled_residual)
 
 SPEED_SEED = 4000  # a PhantomBench seed no training, validation or test split uses
 SPEED_CATEGORIES = ("hepatic_vessel", "liver", "kidney")
@@ -92,9 +100,6 @@ def window_study(pipeline, *, per_category: int = 2, variants=WINDOW_VARIANTS, s
     """Whole slices against ROI windows of several contexts, on the validation split of the seen categories (never a
     test case): inpainting time, and how far H is from the phantom's own healthy image (MAE, HU) inside the ROI and
     inside the part of the tumor the ROI covers. The ROI is the pipeline's (every candidate region, enlarged)."""
-    from .heads import find_regions, run_aova, split_cases
-    from .residual import coarse_roi, inpaint_region
-
     heads, config = pipeline.heads, pipeline.residual.config
     base = replace(config.inpaint, steps=steps or config.inpaint.steps)
     paths = {"whole slices": replace(base, roi=False)}
@@ -156,3 +161,280 @@ def format_speed_report(report: dict) -> str:
                  f"windows that cost nothing would be at most {whole / max(codec, 1e-9):.2f}x as fast")
     lines.append(f"peak memory (process RSS): {report['peak_memory_mb']:.0f} MB")
     return "\n".join(lines)
+
+
+# ---- the zero-shot benchmark: the paper's table on PhantomBench ----------------------------------
+
+# rows of the table, in the paper's order of ablation; each is a mask per case
+METHODS = {
+    "reconstruction": "Reconstruction baseline (DDPM-MAD recipe)",
+    "aova": "AOVA only (S > threshold)",
+    "detection": "+ region detection",
+    "pixel_residual": "+ pixel residual (R_p, training-free)",
+    "feature_residual": "+ feature residual (R_p + R_f fusion, training-free)",
+    "full": "DiffuGTS (residual head)",
+    "nongenerative_fill": "Non-generative fill (ring mean instead of diffusion)",
+}
+RESIDUAL_GRID = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)  # fitted on validation
+QUICK_TEST_PER_CATEGORY = 2  # CI size: minutes on 2 cores
+# per unseen category: with a per-case DSC spread of about 0.1 here, 12 cases put a category mean's standard error near
+# 0.03, in about 15 min per setting on 2 cores
+FULL_TEST_PER_CATEGORY = 12
+
+
+@dataclass
+class ZeroShotConfig:
+    setting: str = "seen-unseen"
+    test_per_category: int = FULL_TEST_PER_CATEGORY
+    validation_per_category: int = 2
+    tolerance_mm: float = 2.0  # NSD tolerance
+    reconstruction_strength: float = 0.5  # share of the noise schedule the baseline noises to
+    seed: int = 0
+    inpaint_steps: int | None = None  # None: the pipeline's own (fewer only for tests)
+
+
+def case_masks(pipeline, case, config: ZeroShotConfig, thresholds: dict | None = None) -> tuple[dict, dict, dict]:
+    """Every method on one case: (masks by method, or None where a threshold is still to be fitted; the score maps of
+    the fitted methods with the region they may mark; facts about the case)."""
+    organ = CATEGORY_ORGAN[case.category]
+    residual = pipeline.residual
+    if config.inpaint_steps:
+        residual = replace(residual, config=replace(residual.config, inpaint=replace(
+            residual.config.inpaint, steps=config.inpaint_steps)))
+    pipeline_residual, pipeline.residual = pipeline.residual, residual
+    try:
+        result = pipeline.segment_grid(case.image, case.spacing, organ, modality=case.modality, seed=config.seed)
+    finally:
+        pipeline.residual = pipeline_residual
+    backbone, roi, min_voxels = pipeline.backbone, result.residuals.roi, residual.config.min_voxels
+    organ_region = result.detection.organ_region
+    candidates = np.zeros(roi.shape, bool)
+    for region in result.detection.regions:
+        candidates |= region.mask
+    # the ablation: the same head on a pseudo-healthy image with no anatomy in it
+    filled = ring_fill(case.image, roi)
+    fill = residuals_of(backbone, case.image, case.modality, roi, filled, np.zeros(roi.shape, np.float32))
+    fill_probability = refined_probability(residual.head, head_inputs(backbone, case.image, case.modality, fill,
+                                                                      result.aova.anomaly), roi)
+    # the baseline: every slice of the organ region reconstructed from noise with the healthy prompt
+    cond, uncond = healthy_conditioning(pipeline.text_encoder, case.modality,
+                                        phantoms.CATEGORY_REGION.get(organ, "abdomen"), organ)
+    reconstructed = reconstruct(backbone, case.image, case.modality, organ_region.any((0, 1)), cond, uncond,
+                                strength=config.reconstruction_strength,
+                                config=replace(residual.config.inpaint, seed=config.seed))
+    scores = {"reconstruction": (pixel_residual(backbone, case.image, reconstructed, case.modality), organ_region),
+              "pixel_residual": (scaled_residual(result.residuals.pixel, roi), roi)}  # as inside the fusion
+    fitted = thresholds or {}
+    masks = {
+        "aova": candidates, "detection": result.detection.kept,
+        "feature_residual": final_mask(result.fusion, residual.thresholds.fusion, roi, min_voxels),
+        "full": result.refined,
+        "nongenerative_fill": final_mask(fill_probability, residual.thresholds.head, roi, min_voxels),
+        **{method: final_mask(score, fitted[method], region, min_voxels) if method in fitted else None
+           for method, (score, region) in scores.items()},
+    }
+    facts = {"case_score": result.detection.case_score, "seconds": sum(result.timings.values()),
+             "roi_tumor_coverage": float((roi & (case.tumor > 0)).sum() / max(int(case.tumor.sum()), 1))}
+    return masks, scores, facts
+
+
+def fit_residual_thresholds(pipeline, config: ZeroShotConfig, progress: bool = False) -> dict:
+    """The reconstruction and pixel-residual thresholds with the best mean DSC on the validation split of the seen
+    categories (never on test cases)."""
+    heads = pipeline.heads
+    split = replace(heads.config, validation_per_category=config.validation_per_category)
+    cases = [c for c in split_cases(config.setting, "validation", split) if c.category != "healthy"]
+    scored = [(case, case_masks(pipeline, case, config)[1])
+              for case in tqdm(cases, desc="validation", disable=not progress)]
+    min_voxels = pipeline.residual.config.min_voxels
+    fitted, provenance = {}, {}
+    for method in ("reconstruction", "pixel_residual"):
+        means = {t: float(np.mean([dice(final_mask(scores[method][0], t, scores[method][1], min_voxels), case.tumor)
+                                   for case, scores in scored])) for t in RESIDUAL_GRID}
+        fitted[method] = max(means, key=means.get)
+        provenance[method] = (f"validation split of seen categories (seed {SEEDS['validation']}, {len(cases)} tumor "
+                              f"cases): mean DSC {means[fitted[method]]:.3f}")
+    return {"values": fitted, "provenance": provenance}
+
+
+def zero_shot_benchmark(config: ZeroShotConfig = ZeroShotConfig(), *, pipeline=None, progress: bool = False) -> dict:
+    """Every method on every unseen test case of a setting: per-case and per-category DSC and NSD, detection AUROC,
+    thresholds and their provenance. Deterministic for a seed (timings are returned apart, under "timing")."""
+    from .pipeline import DiffuGTSPipeline
+
+    start = time.perf_counter()
+    pipeline = pipeline or DiffuGTSPipeline.from_pretrained()
+    heads = pipeline.heads
+    if heads.setting != config.setting:
+        raise ValueError(f"the pipeline's heads are for {heads.setting}, the benchmark asks for {config.setting}")
+    thresholds = fit_residual_thresholds(pipeline, config, progress)
+    split = replace(heads.config, test_per_category=config.test_per_category)
+    cases = list(split_cases(config.setting, "test", split))
+    unseen = role_categories(config.setting, "unseen")
+    per_case, scores, seconds = [], [], []
+    for case in tqdm(cases, desc=f"test {config.setting}", disable=not progress):
+        if case.category == "healthy":  # negatives of the detection AUROC, once per organ of the region
+            for category in unseen:
+                if phantoms.CATEGORY_REGION.get(category, "abdomen") == case.region:
+                    detection = detect_case(heads, pipeline.backbone, pipeline.text_encoder, case.image,
+                                            case.modality, CATEGORY_ORGAN[category])
+                    scores.append({"category": category, "score": detection.case_score, "label": 0})
+            continue
+        masks, _, facts = case_masks(pipeline, case, config, thresholds["values"])
+        tumor = case.tumor > 0
+        row = {"case": case.case_id, "category": case.category, "tumor_voxels": int(tumor.sum()),
+               "roi_tumor_coverage": round(facts["roi_tumor_coverage"], 4)}
+        for method, mask in masks.items():
+            row[f"dsc_{method}"] = round(dice(mask, tumor), 4)
+            row[f"nsd_{method}"] = round(surface_dice(mask, tumor, case.spacing, config.tolerance_mm), 4)
+        per_case.append(row)
+        scores.append({"category": case.category, "score": facts["case_score"], "label": 1})
+        seconds.append(facts["seconds"])
+    categories = []
+    for category in unseen:
+        mine = [r for r in per_case if r["category"] == category]
+        labelled = [s for s in scores if s["category"] == category]
+        entry = {"category": category, "cases": len(mine),
+                 "auroc": round(detection_auroc([s["score"] for s in labelled], [s["label"] for s in labelled]), 4)
+                 if len({s["label"] for s in labelled}) == 2 else None}
+        for method in METHODS:
+            entry[f"dsc_{method}"] = round(float(np.mean([r[f"dsc_{method}"] for r in mine])), 4)
+            entry[f"nsd_{method}"] = round(float(np.mean([r[f"nsd_{method}"] for r in mine])), 4)
+        categories.append(entry)
+    mean = {f"{metric}_{method}": round(float(np.mean([c[f"{metric}_{method}"] for c in categories])), 4)
+            for method in METHODS for metric in ("dsc", "nsd")}
+    return {
+        "setting": config.setting, "seen": list(heads.seen), "unseen": list(unseen),
+        "config": asdict(config), "seeds": {"test": SEEDS["test"], "validation": SEEDS["validation"]},
+        "methods": METHODS, "categories": categories, "mean_unseen": mean, "per_case": per_case,
+        "thresholds": {
+            "detection": {**{k: v for k, v in vars(heads.thresholds).items() if k != "provenance"},
+                          "provenance": heads.thresholds.provenance},
+            "refinement": {"head": pipeline.residual.thresholds.head, "fusion": pipeline.residual.thresholds.fusion,
+                           "provenance": pipeline.residual.thresholds.provenance,
+                           "used_by": ["full", "nongenerative_fill (head)", "feature_residual (fusion)"]},
+            "fitted_here": thresholds,
+        },
+        "timing": {"wall_s": round(time.perf_counter() - start, 1),
+                   "mean_case_pipeline_s": round(float(np.mean(seconds)), 2) if seconds else None,
+                   "peak_memory_mb": round(peak_memory_mb(), 1), "device": str(pipeline.backbone.device)},
+    }
+
+
+def format_table(results: dict) -> str:
+    """The paper's layout: methods as rows, DSC and NSD per unseen category, and their mean (in %)."""
+    categories = results["unseen"]
+    tolerance = results["config"]["tolerance_mm"]
+    head = "| Method | " + " | ".join(f"{c} DSC | {c} NSD" for c in categories) + " | mean DSC | mean NSD |"
+    lines = [f"Setting **{results['setting']}** (seen: {', '.join(results['seen'])}); "
+             f"{results['categories'][0]['cases']} test cases per category "
+             f"(PhantomBench seed {results['seeds']['test']}); "
+             f"NSD at {tolerance:g} mm; values in %.", "", head, "|" + "---|" * (2 * len(categories) + 3)]
+    by_category = {c["category"]: c for c in results["categories"]}
+    for method, label in results["methods"].items():
+        cells = [f"{100 * by_category[c][f'{m}_{method}']:.1f}" for c in categories for m in ("dsc", "nsd")]
+        mean = [f"{100 * results['mean_unseen'][f'{m}_{method}']:.1f}" for m in ("dsc", "nsd")]
+        lines.append(f"| {label} | " + " | ".join(cells + mean) + " |")
+    auroc = ", ".join(f"{c['category']} {c['auroc']:.3f}" if c["auroc"] is not None else f"{c['category']} n/a"
+                      for c in results["categories"])
+    lines += ["", f"Detection AUROC (region-level case score, tumor vs healthy test cases): {auroc}."]
+    return "\n".join(lines) + "\n"
+
+
+def benchmark_settings(name: str) -> tuple[str, ...]:
+    """``loo`` (every leave-one-category-out CT setting), ``seen-unseen``, ``mri`` (CT -> MRI), ``all``, or one
+    setting by its own name."""
+    from .heads import SETTINGS
+
+    loo = tuple(s for s in SETTINGS if s.startswith("loo-"))
+    groups = {"loo": loo, "mri": ("ct-mri",), "all": (*loo, "seen-unseen", "ct-mri")}
+    if name in groups:
+        return groups[name]
+    if name in SETTINGS:
+        return (name,)
+    raise ValueError(f"unknown setting {name!r}; choose loo, seen-unseen, mri, all or one of {', '.join(SETTINGS)}")
+
+
+def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool = False):
+    """The pipeline with the heads of ``setting``: the shipped ones for seen -> unseen, otherwise the `train-heads`
+    folder ``heads_cache/<setting>`` (the same cache as `evaluate-aova --heads-cache`), trained there first (AOVA
+    heads, then the residual head) when it is missing or was trained with another configuration."""
+    from .backbone import load_backbone
+    from .heads import HeadsConfig, cached_heads, train_heads
+    from .pipeline import DiffuGTSPipeline
+    from .residual import train_residual_head
+    from .text import TextEncoder
+
+    if setting == "seen-unseen" and heads_cache is None:
+        return DiffuGTSPipeline.from_pretrained()
+    if heads_cache is None:
+        raise ValueError(f"setting {setting} needs its own heads: pass --heads-cache DIR, where they are trained once "
+                         "(about 15 min per setting on 2 cores) and reused")
+    folder = Path(heads_cache) / setting
+    config = HeadsConfig(setting=setting)
+    backbone = load_backbone()
+    text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
+    heads = cached_heads(folder, config)
+    if heads is None:
+        heads = train_heads(backbone, text_encoder, config, progress=progress)
+        heads.save(folder)
+        (folder / "residual.json").unlink(missing_ok=True)  # a residual head of other AOVA heads does not carry over
+    if not (folder / "residual.json").is_file():
+        train_residual_head(heads, backbone, text_encoder, progress=progress).save(folder)
+    return DiffuGTSPipeline.from_pretrained(folder)
+
+
+def write_benchmark(results: dict, folder: Path) -> list[Path]:
+    """results.json (deterministic for a seed), timing.json, table.md and per_case.csv, each written atomically."""
+    import csv
+    import io as text_io
+    import json
+
+    from .io import write_text_atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    deterministic = {k: v for k, v in results.items() if k != "timing"}
+    table = text_io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(results["per_case"][0]) if results["per_case"] else ["case"])
+    writer.writeheader()
+    writer.writerows(results["per_case"])
+    return [write_text_atomic(folder / "results.json", json.dumps(deterministic, indent=2) + "\n"),
+            write_text_atomic(folder / "timing.json", json.dumps(results["timing"], indent=2) + "\n"),
+            write_text_atomic(folder / "table.md", format_table(results)),
+            write_text_atomic(folder / "per_case.csv", table.getvalue())]
+
+
+# The paper's published DSC (%), for orientation only: real CT (MSD; KiTS23 for kidney), other models, other data.
+PAPER_DSC = {
+    "DiffuGTS": {"pancreas": 43.61, "lung": 42.94, "liver": 63.23, "colon": 38.72, "hepatic_vessel": 62.76,
+                 "kidney": 59.80},
+    "DDPM-MAD": {"pancreas": 28.52, "lung": 25.70, "liver": 43.54, "colon": 13.97, "hepatic_vessel": 39.57,
+                 "kidney": 36.55},
+}
+
+
+def regression_metrics(results: dict) -> dict:
+    """What the regression gate compares: mean unseen DSC per method, and per category."""
+    return {"setting": results["setting"], "test_per_category": results["config"]["test_per_category"],
+            "seed": results["config"]["seed"],
+            "mean_unseen_dsc": {method: results["mean_unseen"][f"dsc_{method}"] for method in results["methods"]},
+            "dsc_by_category": {c["category"]: {method: c[f"dsc_{method}"] for method in results["methods"]}
+                                for c in results["categories"]}}
+
+
+def gate_failures(metrics: dict, baseline: dict) -> list[str]:
+    """Why the regression gate fails (empty: it passes): the full method's mean unseen DSC fell by more than the
+    baseline's stated tolerance, or the full method fell below AOVA-only."""
+    if (metrics["setting"], metrics["test_per_category"]) != (baseline["setting"], baseline["test_per_category"]):
+        return [f"the metrics ({metrics['setting']}, {metrics['test_per_category']} cases per category) and the "
+                f"baseline ({baseline['setting']}, {baseline['test_per_category']}) are not of the same benchmark"]
+    failures = []
+    full, aova = metrics["mean_unseen_dsc"]["full"], metrics["mean_unseen_dsc"]["aova"]
+    before, tolerance = baseline["mean_unseen_dsc"]["full"], baseline["tolerance_dsc"]
+    if full < before - tolerance:
+        failures.append(f"the full method's mean unseen DSC fell from {before:.4f} to {full:.4f}, more than the "
+                        f"tolerance {tolerance}")
+    if full < aova:
+        failures.append(f"the full method ({full:.4f}) is below AOVA-only ({aova:.4f}) on mean unseen DSC")
+    return failures

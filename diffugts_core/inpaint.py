@@ -168,6 +168,60 @@ def _guided_noise(backbone, z, t, cond, uncond, scale):
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
+@torch.no_grad()
+def reconstruct_slices(backbone: FrozenBackbone, x: torch.Tensor, cond: Conditioning, uncond: Conditioning | None = None,
+                       *, strength: float = 0.5, config: InpaintConfig = InpaintConfig()) -> torch.Tensor:
+    """The reconstruction baseline (DDPM-MAD, AnoDDPM): noise whole slices to ``strength`` of the schedule and denoise
+    them with the healthy prompt; nothing is known, so a lesion is replaced by whatever the model finds likely there.
+    (N, C, H, W) -> (N, C, H, W) in model space."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)
+    scheduler.set_timesteps(config.steps)
+    timesteps = list(scheduler.timesteps)[-max(1, round(strength * config.steps)):]
+    generator = torch.Generator().manual_seed(config.seed)
+    out = []
+    for i in range(0, len(x), config.batch_size):
+        z0 = backbone.encode(x[i:i + config.batch_size])
+        z = scheduler.add_noise(z0, torch.randn(z0.shape, generator=generator).to(z0.device),
+                                torch.full((len(z0),), int(timesteps[0])))
+        for t in timesteps:
+            eps = _guided_noise(backbone, z, t, cond.expand(len(z)), None if uncond is None else uncond.expand(len(z)),
+                                config.guidance_scale)
+            z = scheduler.step(eps, t, z).prev_sample
+        out.append(backbone.decode(z).cpu())
+    return torch.cat(out) if out else x.clone()
+
+
+def reconstruct(backbone, image: np.ndarray, modality: str, slices: np.ndarray, cond: Conditioning,
+                uncond: Conditioning | None = None, *, strength: float = 0.5,
+                config: InpaintConfig = InpaintConfig()) -> np.ndarray:
+    """``reconstruct_slices`` on the axial slices where ``slices`` (bool, one per slice) is set, in image units; the
+    other slices are the input."""
+    intensity = backbone.intensity(modality, image)
+    x = backbone.volume_to_slices(intensity.forward(image))
+    todo = np.flatnonzero(slices)
+    out = x.clone()
+    if len(todo):
+        out[todo] = reconstruct_slices(backbone, x[todo], cond, uncond, strength=strength, config=config)
+    reconstructed = intensity.inverse(backbone.slices_to_volume(out))
+    return np.where(np.asarray(slices, bool)[None, None, :], reconstructed, image)
+
+
+def ring_fill(image: np.ndarray, mask: np.ndarray, ring_voxels: int = 2) -> np.ndarray:
+    """The non-generative fill ablation: each connected component of ``mask`` filled with the mean of a ring of known
+    voxels around it (``ring_voxels`` wide). No model: what DiffuGTS would do if inpainting knew nothing of anatomy."""
+    labels, count = ndimage.label(np.asarray(mask, bool))
+    filled = np.array(image, dtype=np.float32, copy=True)
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        grown = tuple(slice(max(0, b.start - ring_voxels - 1), b.stop + ring_voxels + 1) for b in box)
+        component = labels[grown] == index
+        ring = ndimage.binary_dilation(component, iterations=ring_voxels) & (labels[grown] == 0)
+        known = image[grown][ring]
+        filled[grown][component] = known.mean() if known.size else image[grown][component].mean()
+    return filled
+
+
 def healthy_conditioning(text_encoder, modality: str, region: str, organ: str) -> tuple[Conditioning, Conditioning]:
     """The healthy prompt in the foundation model's own caption style, and the empty prompt (for guidance).
 

@@ -226,15 +226,17 @@ def model_fingerprint(backbone) -> str:
     return _FINGERPRINTS[backbone]
 
 
+def scaled_residual(residual: np.ndarray, roi: np.ndarray) -> np.ndarray:
+    """A residual divided by its 99th percentile inside the ROI, clipped to [0, 1]; 0 outside the ROI."""
+    if not roi.any():
+        return np.zeros(roi.shape, np.float32)
+    scale = max(float(np.percentile(residual[roi], 99)), 1e-6)
+    return np.where(roi, np.clip(residual / scale, 0, 1), 0).astype(np.float32)
+
+
 def fusion_map(residuals: Residuals) -> np.ndarray:
     """Training-free fusion: R_p and R_f each scaled by its 99th percentile inside the ROI, averaged, in [0, 1]."""
-    out = np.zeros(residuals.roi.shape, np.float32)
-    if not residuals.roi.any():
-        return out
-    for residual in (residuals.pixel, residuals.feature):
-        scale = max(float(np.percentile(residual[residuals.roi], 99)), 1e-6)
-        out += np.clip(residual / scale, 0, 1) / 2
-    return np.where(residuals.roi, out, 0)
+    return (scaled_residual(residuals.pixel, residuals.roi) + scaled_residual(residuals.feature, residuals.roi)) / 2
 
 
 # ---- the head --------------------------------------------------------------------------------------

@@ -232,6 +232,25 @@ def case_grid(cases, *, alpha: float = 0.4, title: str | None = None) -> plt.Fig
     return fig
 
 
+def benchmark_bars(results: dict, metric: str = "dsc") -> plt.Figure:
+    """Grouped bars of a zero-shot benchmark (``benchmark.zero_shot_benchmark``): one group per unseen category and the
+    mean, one bar per method."""
+    groups = [c["category"] for c in results["categories"]] + ["mean"]
+    values = {method: [c[f"{metric}_{method}"] for c in results["categories"]]
+              + [results["mean_unseen"][f"{metric}_{method}"]] for method in results["methods"]}
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 3, 3.6))
+    width = 0.8 / len(values)
+    for i, (method, heights) in enumerate(values.items()):
+        ax.bar(np.arange(len(groups)) + (i - (len(values) - 1) / 2) * width, heights, width,
+               label=results["methods"][method])
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel(metric.upper())
+    ax.set_title(f"{results['setting']}: {metric.upper()} per unseen category")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
     """Save a figure as PNG atomically and close it."""
     path = Path(path)

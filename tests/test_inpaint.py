@@ -87,3 +87,34 @@ def test_pseudo_healthy_returns_the_input_outside_the_mask_bit_for_bit():
                                   InpaintConfig(steps=2, samples=2))
     assert np.array_equal(mean[~mask], case.image[~mask])  # air below -1000 HU and bone above the knots included
     assert (spread[~mask] == 0).all() and spread[mask].max() > 0
+
+
+def test_ring_fill_puts_the_mean_of_the_known_ring_in_each_component():
+    from diffugts_core.inpaint import ring_fill
+
+    image = np.zeros((20, 20, 3), np.float32)
+    image[:, :10] = 100.0  # left half 100, right half 0
+    image[4:7, 4:7, 1] = 500.0  # a "lesion" inside the left half
+    mask = np.zeros(image.shape, bool)
+    mask[3:8, 3:8, 1] = True  # its enlarged mask, all inside the left half with its ring
+    mask[12:15, 14:17, 1] = True  # a second component in the right half
+    filled = ring_fill(image, mask, ring_voxels=2)
+    assert np.allclose(filled[3:8, 3:8, 1], 100.0)  # the ring around it is all 100: the lesion is gone
+    assert np.allclose(filled[12:15, 14:17, 1], 0.0)  # each component gets its own ring's mean
+    assert np.array_equal(filled[~mask], image[~mask]) and image[5, 5, 1] == 500.0  # input untouched
+
+
+def test_reconstruction_changes_only_the_chosen_slices():
+    from diffugts_core.inpaint import prompt_conditioning, reconstruct
+    from diffugts_core.text import TextEncoder
+
+    case = phantoms.generate_case("healthy", 0, 3, (32, 32, 16), region="abdomen")
+    cond, uncond = prompt_conditioning(TextEncoder.from_pretrained(device="cpu"), "a CT scan of the abdomen")
+    slices = np.zeros(16, bool)
+    slices[6:8] = True
+    out = reconstruct(tiny_backbone(), case.image, "CT", slices, cond, uncond, strength=0.5,
+                      config=InpaintConfig(steps=4))
+    assert np.array_equal(out[..., ~slices], case.image[..., ~slices])
+    assert not np.allclose(out[..., slices], case.image[..., slices])
+    with pytest.raises(ValueError, match="strength"):
+        reconstruct(tiny_backbone(), case.image, "CT", slices, cond, uncond, strength=0.0)

@@ -119,3 +119,15 @@ def test_06_residual_refinement(tmp_path):
     assert {r["category"] for r in summary["rows"]} == {"lung", "colon", "hepatic_vessel"}
     assert "validation split" in summary["thresholds"]
     assert summary["p_in_tumor"] > 2 * summary["p_rest_of_roi"]  # the head is surer inside the (unseen) tumor
+
+
+@pytest.mark.notebook
+def test_07_zero_shot_benchmark(tmp_path):
+    from diffugts_core.benchmark import METHODS
+
+    _execute(ROOT / "notebooks" / "07_zero_shot_benchmark.ipynb", tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["setting"] == "seen-unseen" and summary["cases"] == 3  # smoke: one case per unseen category
+    assert summary["methods"] == list(METHODS)
+    assert set(summary["shown"]) == {"best", "worst"}
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "table.md").is_file()
