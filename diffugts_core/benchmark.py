@@ -41,28 +41,26 @@ def speed_benchmark(cases: int = 3, *, shape=(128, 128, 64), device="auto") -> d
     start = time.perf_counter()
     pipeline = DiffuGTSPipeline.from_pretrained(device=device)
     load_s = time.perf_counter() - start
-    default = pipeline.residual
-    paths = {path: replace(default, config=replace(default.config, inpaint=replace(default.config.inpaint, roi=roi)))
-             for path, roi in (("roi", True), ("full_slice", False))}
-    default_path = "roi" if default.config.inpaint.roi else "full_slice"
+    default = pipeline.residual.config.inpaint
+    paths = {path: replace(default, roi=roi) for path, roi in (("roi", True), ("full_slice", False))}
+    default_path = "roi" if default.roi else "full_slice"
     rows = []
     for i in range(cases):
         category = SPEED_CATEGORIES[i % len(SPEED_CATEGORIES)]
         case = phantoms.generate_case(category, i // len(SPEED_CATEGORIES), SPEED_SEED, shape)
         tumor = case.tumor > 0
         row = {"case": case.case_id, "category": category}
-        for path, residual in paths.items():
-            pipeline.residual = residual
-            result = pipeline.segment_grid(case.image, case.spacing, CATEGORY_ORGAN[category], modality=case.modality)
+        for path, inpaint in paths.items():
+            result = pipeline.segment_grid(case.image, case.spacing, CATEGORY_ORGAN[category], modality=case.modality,
+                                           inpaint=inpaint)
             roi = result.residuals.roi
             row[path] = {"timings_s": result.timings, "total_s": sum(result.timings.values()),
                          "dsc": dice(result.refined, tumor), "roi_voxels": int(roi.sum()),
                          # the phantom keeps its healthy image: how far H is from the truth where it was inpainted
                          "mae_hu": float(np.abs(result.residuals.healthy - case.healthy)[roi].mean()),
                          "roi_slices": int(result.residuals.roi.any((0, 1)).sum())}
-        pipeline.residual = default
         row["codec_s"] = codec_seconds(pipeline.backbone, case.image, case.modality, result.residuals.roi,
-                                       default.config.inpaint.batch_size)
+                                       default.batch_size)
         rows.append(row)
     stages = list(rows[0][default_path]["timings_s"])
     mean = lambda path, key: float(np.mean([r[path][key] for r in rows]))  # noqa: E731
@@ -77,7 +75,7 @@ def speed_benchmark(cases: int = 3, *, shape=(128, 128, 64), device="auto") -> d
         "dsc_mean": {path: mean(path, "dsc") for path in paths},
         "mae_hu_mean": {path: mean(path, "mae_hu") for path in paths},
         "peak_memory_mb": peak_memory_mb(),
-        "settings": {"inpaint": vars(default.config.inpaint), "margin_mm": default.config.margin_mm},
+        "settings": {"inpaint": vars(default), "margin_mm": pipeline.residual.config.margin_mm},
     }
 
 
@@ -198,14 +196,9 @@ def case_masks(pipeline, case, config: ZeroShotConfig, thresholds: dict | None =
     the fitted methods with the region they may mark; facts about the case)."""
     organ = CATEGORY_ORGAN[case.category]
     residual = pipeline.residual
-    if config.inpaint_steps:
-        residual = replace(residual, config=replace(residual.config, inpaint=replace(
-            residual.config.inpaint, steps=config.inpaint_steps)))
-    pipeline_residual, pipeline.residual = pipeline.residual, residual
-    try:
-        result = pipeline.segment_grid(case.image, case.spacing, organ, modality=case.modality, seed=config.seed)
-    finally:
-        pipeline.residual = pipeline_residual
+    inpaint = replace(residual.config.inpaint, steps=config.inpaint_steps or residual.config.inpaint.steps)
+    result = pipeline.segment_grid(case.image, case.spacing, organ, modality=case.modality, seed=config.seed,
+                                   inpaint=inpaint)
     backbone, roi, min_voxels = pipeline.backbone, result.residuals.roi, residual.config.min_voxels
     organ_region = result.detection.organ_region
     candidates = np.zeros(roi.shape, bool)
@@ -220,8 +213,7 @@ def case_masks(pipeline, case, config: ZeroShotConfig, thresholds: dict | None =
     cond, uncond = healthy_conditioning(pipeline.text_encoder, case.modality,
                                         phantoms.CATEGORY_REGION.get(organ, "abdomen"), organ)
     reconstructed = reconstruct(backbone, case.image, case.modality, organ_region.any((0, 1)), cond, uncond,
-                                strength=config.reconstruction_strength,
-                                config=replace(residual.config.inpaint, seed=config.seed))
+                                strength=config.reconstruction_strength, config=replace(inpaint, seed=config.seed))
     scores = {"reconstruction": (pixel_residual(backbone, case.image, reconstructed, case.modality), organ_region),
               "pixel_residual": (scaled_residual(result.residuals.pixel, roi), roi)}  # as inside the fusion
     fitted = thresholds or {}

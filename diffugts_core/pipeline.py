@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import phantoms
 from .aova import CATEGORY_ORGAN
 from .detect import Detection
+from .inpaint import InpaintConfig
 from .heads import AOVAResult, TrainedHeads, find_regions, heads_folder, role_categories, run_aova, split_cases
 from .io import InputError, Volume, check_same_grid
 from .metrics import dice, surface_dice
@@ -124,8 +125,11 @@ class DiffuGTSPipeline:
     @torch.no_grad()
     def segment_grid(self, image: np.ndarray, spacing, organ: str, *, modality: str = "CT", prompt: str | None = None,
                      organ_mask: np.ndarray | None = None, seeds: int = 1, seed: int = 0, method: str = "head",
-                     progress: bool = False) -> SegmentationResult:
-        """The pipeline on a volume already on the processing grid (a PhantomBench case, for instance)."""
+                     inpaint: InpaintConfig | None = None, progress: bool = False) -> SegmentationResult:
+        """The pipeline on a volume already on the processing grid (a PhantomBench case, for instance).
+
+        ``inpaint`` replaces the residual head's inpainting settings (ROI windows, steps; ``seeds``/``seed`` still
+        apply), as the benchmarks compare them."""
         if prompt is not None:
             check_prompt(prompt)
         if seeds < 1:
@@ -141,7 +145,7 @@ class DiffuGTSPipeline:
             detection = find_regions(self.heads, aova, self.heads.thresholds, organ_mask)
             roi = coarse_roi(detection, spacing, config.margin_mm)
         with _timed(timings, "inpainting"):
-            inpaint = replace(config.inpaint, samples=seeds, seed=seed)
+            inpaint = replace(inpaint or config.inpaint, samples=seeds, seed=seed)
             healthy, spread = inpaint_region(self.backbone, self.text_encoder, image, modality, region, organ, roi,
                                              inpaint, progress=progress)
         with _timed(timings, "residuals"):
