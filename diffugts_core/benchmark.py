@@ -9,9 +9,12 @@ rows, DiffuGTS, a non-generative fill) on every unseen test case of a setting, w
 
 from __future__ import annotations
 
+import csv
+import json
 import resource
 import time
 from dataclasses import asdict, dataclass, replace
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from . import phantoms
 from .aova import CATEGORY_ORGAN
 from .heads import SEEDS, detect_case, find_regions, role_categories, run_aova, split_cases
 from .inpaint import healthy_conditioning, reconstruct, ring_fill
+from .io import write_text_atomic
 from .metrics import detection_auroc, dice, surface_dice
 from .residual import (coarse_roi, final_mask, head_inputs, inpaint_region, pixel_residual, refined_probability,
                        residuals_of, scaled_residual)
@@ -299,18 +303,108 @@ def zero_shot_benchmark(config: ZeroShotConfig = ZeroShotConfig(), *, pipeline=N
         "setting": config.setting, "seen": list(heads.seen), "unseen": list(unseen),
         "config": asdict(config), "seeds": {"test": SEEDS["test"], "validation": SEEDS["validation"]},
         "methods": METHODS, "categories": categories, "mean_unseen": mean, "per_case": per_case,
-        "thresholds": {
-            "detection": {**{k: v for k, v in vars(heads.thresholds).items() if k != "provenance"},
-                          "provenance": heads.thresholds.provenance},
-            "refinement": {"head": pipeline.residual.thresholds.head, "fusion": pipeline.residual.thresholds.fusion,
-                           "provenance": pipeline.residual.thresholds.provenance,
-                           "used_by": ["full", "nongenerative_fill (head)", "feature_residual (fusion)"]},
-            "fitted_here": thresholds,
-        },
+        "thresholds": {**pipeline_thresholds(pipeline), "fitted_here": thresholds},
         "timing": {"wall_s": round(time.perf_counter() - start, 1),
                    "mean_case_pipeline_s": round(float(np.mean(seconds)), 2) if seconds else None,
                    "peak_memory_mb": round(peak_memory_mb(), 1), "device": str(pipeline.backbone.device)},
     }
+
+
+def pipeline_thresholds(pipeline) -> dict:
+    """The thresholds a pipeline brings (fitted when its heads were trained), with their provenance."""
+    heads, refinement = pipeline.heads, pipeline.residual.thresholds
+    return {"detection": {**{k: v for k, v in vars(heads.thresholds).items() if k != "provenance"},
+                          "provenance": heads.thresholds.provenance},
+            "refinement": {"head": refinement.head, "fusion": refinement.fusion, "provenance": refinement.provenance,
+                           "used_by": ["full", "nongenerative_fill (head)", "feature_residual (fusion)"]}}
+
+
+def reusable_results(folder: Path, config: ZeroShotConfig, pipeline) -> dict | None:
+    """The results.json a run of the same configuration and the same heads left in ``folder`` (None: run again), so
+    that a long benchmark can add its upper-bound row, or go on after a stop, without running every method again."""
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    thresholds = json.loads(json.dumps(pipeline_thresholds(pipeline)))  # as the JSON round trip gives them
+    if results.get("config") != asdict(config) or results["thresholds"]["detection"] != thresholds["detection"] or \
+            results["thresholds"]["refinement"] != thresholds["refinement"]:
+        return None
+    timing = path.with_name("timing.json")
+    return {**results, "timing": json.loads(timing.read_text()) if timing.is_file() else {}}
+
+
+# the supervised upper bound: for each category, heads trained with it seen (never with its test cases)
+SUPERVISED = "supervised"
+SUPERVISED_LABEL = "Supervised upper bound (heads trained with the category seen)"
+
+
+def supervised_setting(category: str) -> str | None:
+    """The setting whose heads give ``category``'s upper bound: the leave-one-out setting that holds out the next CT
+    category (so the category is seen, as are four others). None for MRI brain: no setting trains on brain tumors."""
+    if category not in phantoms.CT_CATEGORIES:
+        return None
+    order = phantoms.CT_CATEGORIES
+    return f"loo-{order[(order.index(category) + 1) % len(order)]}"
+
+
+def add_supervised_upper_bound(results: dict, config: ZeroShotConfig, pipeline_for, progress: bool = False) -> dict:
+    """``results`` with the supervised row: the full method (residual head) on the same test cases, with the heads of
+    ``supervised_setting(category)``, which ``pipeline_for(setting)`` loads. Categories no setting sees get None."""
+    start = time.perf_counter()
+    per_case = {row["case"]: dict(row) for row in results["per_case"]}
+    categories, heads_of = [], {}
+    for entry in results["categories"]:
+        category, setting = entry["category"], supervised_setting(entry["category"])
+        heads_of[category] = setting
+        if setting is None:
+            categories.append({**entry, f"dsc_{SUPERVISED}": None, f"nsd_{SUPERVISED}": None})
+            continue
+        pipeline = pipeline_for(setting)
+        if category not in pipeline.heads.seen:
+            raise ValueError(f"the heads for {category}'s upper bound ({setting}) did not see {category}")
+        inpaint = pipeline.residual.config.inpaint
+        inpaint = replace(inpaint, steps=config.inpaint_steps or inpaint.steps)
+        split = replace(pipeline.heads.config, test_per_category=config.test_per_category)
+        cases = [case for case in split_cases(setting, "test", split, test_role="seen") if case.category == category]
+        for case in tqdm(cases, desc=f"upper bound {category}", disable=not progress):
+            refined = pipeline.segment_grid(case.image, case.spacing, CATEGORY_ORGAN[category],
+                                            modality=case.modality, seed=config.seed, inpaint=inpaint).refined
+            per_case[case.case_id][f"dsc_{SUPERVISED}"] = round(dice(refined, case.tumor > 0), 4)
+            per_case[case.case_id][f"nsd_{SUPERVISED}"] = round(
+                surface_dice(refined, case.tumor > 0, case.spacing, config.tolerance_mm), 4)
+        categories.append({**entry, **{
+            f"{metric}_{SUPERVISED}": round(float(np.mean([per_case[case.case_id][f"{metric}_{SUPERVISED}"]
+                                                           for case in cases])), 4) for metric in ("dsc", "nsd")}})
+    means = {}
+    for metric in ("dsc", "nsd"):
+        values = [entry[f"{metric}_{SUPERVISED}"] for entry in categories]
+        means[f"{metric}_{SUPERVISED}"] = None if None in values else round(float(np.mean(values)), 4)
+    return {**results, "categories": categories, "mean_unseen": {**results["mean_unseen"], **means},
+            "per_case": list(per_case.values()),
+            "methods": {**results["methods"], SUPERVISED: SUPERVISED_LABEL},
+            "supervised_heads": {c: s or "none: no setting trains on this category's tumors"
+                                 for c, s in heads_of.items()},
+            "timing": {**results.get("timing", {}), "supervised_wall_s": round(time.perf_counter() - start, 1)}}
+
+
+def combine_settings(runs: list[dict]) -> dict:
+    """One table from several settings' results, a column per unseen category: the leave-one-out table, where each
+    column comes from its own setting, so every column is zero-shot. A row a run lacks is n/a in its columns."""
+    methods = {}
+    for run in runs:
+        methods.update(run["methods"])
+    blank = {f"{metric}_{method}": None for method in methods for metric in ("dsc", "nsd")}
+    categories = [{**blank, **entry} for run in runs for entry in run["categories"]]
+    mean = {}
+    for key in blank:
+        values = [entry[key] for entry in categories]
+        mean[key] = None if None in values else round(float(np.mean(values)), 4)
+    supervised = {c: s for run in runs for c, s in run.get("supervised_heads", {}).items()}
+    return {"setting": " + ".join(run["setting"] for run in runs),
+            "seen": ["per column, every other category of its setting"], "unseen": [c["category"] for c in categories],
+            "config": runs[0]["config"], "seeds": runs[0]["seeds"], "methods": methods, "categories": categories,
+            "mean_unseen": mean, **({"supervised_heads": supervised} if supervised else {})}
 
 
 def format_table(results: dict) -> str:
@@ -324,13 +418,23 @@ def format_table(results: dict) -> str:
              f"NSD at {tolerance:g} mm; values in %.", "", head, "|" + "---|" * (2 * len(categories) + 3)]
     by_category = {c["category"]: c for c in results["categories"]}
     for method, label in results["methods"].items():
-        cells = [f"{100 * by_category[c][f'{m}_{method}']:.1f}" for c in categories for m in ("dsc", "nsd")]
-        mean = [f"{100 * results['mean_unseen'][f'{m}_{method}']:.1f}" for m in ("dsc", "nsd")]
+        cells = [percent(by_category[c][f"{m}_{method}"]) for c in categories for m in ("dsc", "nsd")]
+        mean = [percent(results["mean_unseen"][f"{m}_{method}"]) for m in ("dsc", "nsd")]
         lines.append(f"| {label} | " + " | ".join(cells + mean) + " |")
     auroc = ", ".join(f"{c['category']} {c['auroc']:.3f}" if c["auroc"] is not None else f"{c['category']} n/a"
                       for c in results["categories"])
     lines += ["", f"Detection AUROC (region-level case score, tumor vs healthy test cases): {auroc}."]
+    if "supervised_heads" in results:
+        heads = ", ".join(f"{category} {setting}" for category, setting in results["supervised_heads"].items())
+        lines.append(f"Upper-bound heads: {heads}.")
+    else:
+        lines.append("Supervised upper bound: not run (it needs `--heads-cache DIR`, for heads trained with each "
+                     "category seen).")
     return "\n".join(lines) + "\n"
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
 
 
 def benchmark_settings(name: str) -> tuple[str, ...]:
@@ -348,16 +452,16 @@ def benchmark_settings(name: str) -> tuple[str, ...]:
 
 
 def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool = False):
-    """The pipeline with the heads of ``setting``: the shipped ones for seen -> unseen, otherwise the `train-heads`
-    folder ``heads_cache/<setting>`` (the same cache as `evaluate-aova --heads-cache`), trained there first (AOVA
-    heads, then the residual head) when it is missing or was trained with another configuration."""
+    """The pipeline with the heads of ``setting``: the `train-heads` folder ``heads_cache/<setting>`` (the same cache
+    as `evaluate-aova --heads-cache`), trained there first (AOVA heads, then the residual head) when it is missing or
+    was trained with another configuration; for seen -> unseen, the shipped heads unless that folder exists."""
     from .backbone import load_backbone
     from .heads import HeadsConfig, cached_heads, train_heads
     from .pipeline import DiffuGTSPipeline
     from .residual import train_residual_head
     from .text import TextEncoder
 
-    if setting == "seen-unseen" and heads_cache is None:
+    if setting == "seen-unseen" and (heads_cache is None or not (Path(heads_cache) / setting).is_dir()):
         return DiffuGTSPipeline.from_pretrained()
     if heads_cache is None:
         raise ValueError(f"setting {setting} needs its own heads: pass --heads-cache DIR, where they are trained once "
@@ -378,17 +482,12 @@ def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool =
 
 def write_benchmark(results: dict, folder: Path) -> list[Path]:
     """results.json (deterministic for a seed), timing.json, table.md and per_case.csv, each written atomically."""
-    import csv
-    import io as text_io
-    import json
-
-    from .io import write_text_atomic
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     deterministic = {k: v for k, v in results.items() if k != "timing"}
-    table = text_io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(results["per_case"][0]) if results["per_case"] else ["case"])
+    table = StringIO()
+    fields = list(dict.fromkeys(key for row in results["per_case"] for key in row)) or ["case"]
+    writer = csv.DictWriter(table, fieldnames=fields)
     writer.writeheader()
     writer.writerows(results["per_case"])
     return [write_text_atomic(folder / "results.json", json.dumps(deterministic, indent=2) + "\n"),

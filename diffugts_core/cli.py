@@ -225,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, help="--setting: folder for the results (one subfolder per setting)")
     bench.add_argument("--seed", type=int, default=0, help="--setting: inpainting and reconstruction seed (default 0)")
     bench.add_argument("--heads-cache", type=Path, help="--setting: folder of heads, one subfolder per setting "
-                       "(missing ones are trained there, as by evaluate-aova); seen-unseen defaults to the shipped "
-                       "heads")
+                       "(missing ones are trained there, as by evaluate-aova; seen-unseen uses the shipped heads "
+                       "unless DIR/seen-unseen exists). With it, the table gains the supervised upper bound (each "
+                       "category's heads from the leave-one-out setting that holds out the next category), and a "
+                       "results.json of the same configuration and heads already in --out is reused, not run again")
     bench.add_argument("--cases", type=int, default=3, help="--speed: cases (default 3: liver, hepatic vessel, kidney)")
     bench.add_argument("--per-category", type=int, default=2,
                        help="--windows: validation cases per seen category (default 2)")
@@ -573,13 +575,14 @@ def _run_evaluate_refinement(args) -> int:
 
 def _run_benchmark(args) -> int:
     from .benchmark import format_speed_report, format_window_study, speed_benchmark, window_study
-    from .pipeline import DiffuGTSPipeline
 
     if min(args.cases, args.per_category) < 1:
         raise InputError("--cases and --per-category must be at least 1")
     if args.setting:
         return _zero_shot(args)
     if args.windows:
+        from .pipeline import DiffuGTSPipeline
+
         report = window_study(DiffuGTSPipeline.from_pretrained(model=args.model), per_category=args.per_category)
         print(format_window_study(report))
     else:
@@ -591,8 +594,9 @@ def _run_benchmark(args) -> int:
 
 
 def _zero_shot(args) -> int:
-    from .benchmark import (FULL_TEST_PER_CATEGORY, QUICK_TEST_PER_CATEGORY, ZeroShotConfig, benchmark_settings,
-                            format_table, setting_pipeline, write_benchmark, zero_shot_benchmark)
+    from .benchmark import (FULL_TEST_PER_CATEGORY, QUICK_TEST_PER_CATEGORY, ZeroShotConfig,
+                            add_supervised_upper_bound, benchmark_settings, combine_settings, format_table,
+                            reusable_results, setting_pipeline, write_benchmark, zero_shot_benchmark)
 
     if args.out is None:
         raise InputError("--setting needs --out DIR (where results.json, table.md and per_case.csv go)")
@@ -601,7 +605,7 @@ def _zero_shot(args) -> int:
     except ValueError as error:
         raise InputError(str(error)) from None
     start = time.perf_counter()
-    tables = []
+    tables, runs = [], []
     for setting in settings:
         try:
             pipeline = setting_pipeline(setting, args.heads_cache, progress=True)
@@ -609,10 +613,22 @@ def _zero_shot(args) -> int:
             raise InputError(str(error)) from None
         config = ZeroShotConfig(setting=setting, seed=args.seed,
                                 test_per_category=QUICK_TEST_PER_CATEGORY if args.quick else FULL_TEST_PER_CATEGORY)
-        results = zero_shot_benchmark(config, pipeline=pipeline, progress=True)
+        results = reusable_results(args.out / setting, config, pipeline)
+        if results is None:
+            results = zero_shot_benchmark(config, pipeline=pipeline, progress=True)
+        else:
+            print(f"{setting}: reusing {args.out / setting / 'results.json'} (same configuration and heads)")
+        if args.heads_cache is not None and "supervised_heads" not in results:
+            results = add_supervised_upper_bound(
+                results, config, lambda name: setting_pipeline(name, args.heads_cache, progress=True), progress=True)
         write_benchmark(results, args.out / setting)
+        runs.append(results)
         tables.append(format_table(results))
         print(tables[-1])
+    left_out = [run for run in runs if run["setting"].startswith("loo-")]
+    if len(left_out) > 1:  # the paper's leave-one-out table: a column per held-out category, each zero-shot
+        tables.insert(0, format_table(combine_settings(left_out)))
+        print(tables[0])
     write_text_atomic(args.out / "table.md", "\n".join(tables))
     print(f"wrote {args.out} in {(time.perf_counter() - start) / 60:.1f} min")
     return 0

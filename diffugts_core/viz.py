@@ -236,8 +236,9 @@ def benchmark_bars(results: dict, metric: str = "dsc") -> plt.Figure:
     """Grouped bars of a zero-shot benchmark (``benchmark.zero_shot_benchmark``): one group per unseen category and the
     mean, one bar per method."""
     groups = [c["category"] for c in results["categories"]] + ["mean"]
-    values = {method: [c[f"{metric}_{method}"] for c in results["categories"]]
-              + [results["mean_unseen"][f"{metric}_{method}"]] for method in results["methods"]}
+    values = {method: np.array([c[f"{metric}_{method}"] for c in results["categories"]]
+                               + [results["mean_unseen"][f"{metric}_{method}"]], dtype=float)  # None (n/a): no bar
+              for method in results["methods"]}
     fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 3, 3.6))
     width = 0.8 / len(values)
     for i, (method, heights) in enumerate(values.items()):

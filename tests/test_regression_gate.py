@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from diffugts_core.benchmark import (ZeroShotConfig, benchmark_settings, gate_failures, regression_metrics,
-                                     write_benchmark, zero_shot_benchmark)
+from dataclasses import asdict, replace
+
+from diffugts_core import phantoms
+from diffugts_core.benchmark import (METHODS, ZeroShotConfig, add_supervised_upper_bound, benchmark_settings,
+                                     combine_settings, format_table, gate_failures, pipeline_thresholds, regression_metrics,
+                                     reusable_results, setting_pipeline, supervised_setting, write_benchmark,
+                                     zero_shot_benchmark)
 from diffugts_core.cli import main
+from diffugts_core.heads import SEEDS, role_categories
 
 ROOT = Path(__file__).resolve().parents[1]
 GATE = ROOT / "notebooks" / "regression"
@@ -80,3 +86,85 @@ def test_regression_notebook_meets_the_committed_baseline(tmp_path):
     assert gate_failures(metrics, baseline) == []
     # the same seed gives the same results.json at the quick size, byte for byte, as the run that made the baseline
     assert (tmp_path / "results.json").read_bytes() == (GATE / "results_quick.json").read_bytes()
+
+
+def test_every_ct_category_has_upper_bound_heads_that_saw_it_and_brain_has_none():
+    for category in phantoms.CT_CATEGORIES:
+        setting = supervised_setting(category)
+        assert category in role_categories(setting, "seen") and setting != f"loo-{category}"
+    assert len({supervised_setting(c) for c in phantoms.CT_CATEGORIES}) == len(phantoms.CT_CATEGORIES)
+    assert supervised_setting("brain") is None
+
+
+@pytest.fixture(scope="module")
+def shipped_pipeline():
+    from diffugts_core.pipeline import DiffuGTSPipeline
+
+    return DiffuGTSPipeline.from_pretrained(device="cpu")
+
+
+def test_results_are_reused_only_for_the_same_configuration_and_heads(tmp_path, shipped_pipeline):
+    config = ZeroShotConfig(test_per_category=1)
+    assert reusable_results(tmp_path, config, shipped_pipeline) is None  # nothing there yet
+    results = {"setting": config.setting, "config": asdict(config), "per_case": [], "timing": {"wall_s": 1.0},
+               "thresholds": {**pipeline_thresholds(shipped_pipeline), "fitted_here": {}}}
+    (tmp_path / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "timing"}))
+    (tmp_path / "timing.json").write_text(json.dumps(results["timing"]))
+    assert reusable_results(tmp_path, config, shipped_pipeline) == json.loads(json.dumps(results))
+    assert reusable_results(tmp_path, replace(config, seed=1), shipped_pipeline) is None
+    retrained = json.loads(json.dumps(results))
+    retrained["thresholds"]["detection"]["anomaly"] += 0.1  # other heads bring other thresholds
+    (tmp_path / "results.json").write_text(json.dumps(retrained))
+    assert reusable_results(tmp_path, config, shipped_pipeline) is None
+
+
+@pytest.mark.slow
+def test_supervised_upper_bound_marks_the_tumor_of_a_seen_category(tmp_path, shipped_pipeline):
+    # liver is seen by the shipped heads, as by loo-kidney's, which the row would load for liver
+    liver = phantoms.generate_case("liver", 0, SEEDS["test"], phantoms.DEFAULT_SHAPE)
+    results = {"setting": "loo-liver", "seen": [], "unseen": ["liver", "brain"], "config": {"tolerance_mm": 2.0},
+               "seeds": {"test": SEEDS["test"]}, "methods": dict(METHODS),
+               "categories": [{"category": "liver", "cases": 1, "auroc": None}, {"category": "brain", "cases": 0,
+                                                                                   "auroc": None}],
+               "per_case": [{"case": liver.case_id, "category": "liver"}], "mean_unseen": {}, "timing": {}}
+    for entry in results["categories"]:
+        entry.update({f"{m}_{method}": 0.0 for method in METHODS for m in ("dsc", "nsd")})
+    results["mean_unseen"] = {f"{m}_{method}": 0.0 for method in METHODS for m in ("dsc", "nsd")}
+    loaded = []
+    config = ZeroShotConfig(setting="loo-liver", test_per_category=1, inpaint_steps=5)
+    bounded = add_supervised_upper_bound(results, config, lambda s: loaded.append(s) or shipped_pipeline)
+    assert loaded == ["loo-kidney"]  # brain has no heads that saw it, so nothing is loaded for it
+    liver_row = bounded["categories"][0]
+    assert liver_row["dsc_supervised"] == bounded["per_case"][0]["dsc_supervised"] > 0.2  # a mask elsewhere gives 0
+    assert bounded["categories"][1]["dsc_supervised"] is None and bounded["mean_unseen"]["dsc_supervised"] is None
+    assert bounded["supervised_heads"]["brain"].startswith("none")
+    table = format_table(bounded)
+    assert "Supervised upper bound" in table and "n/a" in table and "liver loo-kidney" in table
+    write_benchmark(bounded, tmp_path)
+    assert "dsc_supervised" in (tmp_path / "per_case.csv").read_text().splitlines()[0]
+
+
+def test_seen_unseen_keeps_the_shipped_heads_when_the_cache_has_none_of_its_own(tmp_path, shipped_pipeline):
+    pipeline = setting_pipeline("seen-unseen", tmp_path / "heads")
+    assert pipeline.heads.seen == shipped_pipeline.heads.seen and not (tmp_path / "heads").exists()  # nothing trained
+
+
+def _run(category: str, full: float, supervised: float | None = None) -> dict:
+    methods = {"aova": "AOVA only", "full": "DiffuGTS", **({"supervised": "Upper bound"} if supervised else {})}
+    scores = {f"{m}_{method}": value for method, value in (("aova", 0.1), ("full", full), ("supervised", supervised))
+              if method in methods for m in ("dsc", "nsd")}
+    return {"setting": f"loo-{category}", "seen": [], "config": {"tolerance_mm": 2.0}, "seeds": {"test": 3000},
+            "methods": methods, "categories": [{"category": category, "cases": 12, "auroc": 0.5, **scores}],
+            **({"supervised_heads": {category: "loo-x"}} if supervised else {})}
+
+
+def test_the_leave_one_out_table_has_a_column_per_held_out_category_and_their_mean():
+    combined = combine_settings([_run("liver", 0.4, supervised=0.6), _run("kidney", 0.2, supervised=0.5)])
+    assert combined["unseen"] == ["liver", "kidney"] and combined["setting"] == "loo-liver + loo-kidney"
+    assert combined["mean_unseen"]["dsc_full"] == pytest.approx(0.3)
+    assert combined["mean_unseen"]["dsc_supervised"] == pytest.approx(0.55)
+    partial = combine_settings([_run("liver", 0.4, supervised=0.6), _run("kidney", 0.2)])
+    assert partial["mean_unseen"]["dsc_supervised"] is None  # a row one column lacks has no mean
+    table = format_table(partial)
+    assert "| Upper bound | 60.0 | 60.0 | n/a | n/a | n/a | n/a |" in table
+    assert "| DiffuGTS | 40.0 | 40.0 | 20.0 | 20.0 | 30.0 | 30.0 |" in table

@@ -123,3 +123,13 @@ def test_slice_viewer_picture_follows_the_slider():
     before = picture.value
     next(c for c in box.children[1].children if isinstance(c, ipywidgets.IntSlider)).value = 2
     assert picture.value != before  # a dark slice now, the picture was redrawn
+
+
+def test_benchmark_bars_draw_one_bar_per_method_and_group_and_leave_n_a_empty():
+    results = {"setting": "ct-mri", "methods": {"full": "DiffuGTS", "supervised": "Supervised upper bound"},
+               "categories": [{"category": "brain", "dsc_full": 0.3, "dsc_supervised": None}],
+               "mean_unseen": {"dsc_full": 0.3, "dsc_supervised": None}}
+    fig = viz.benchmark_bars(results, "dsc")
+    heights = [bar.get_height() for bar in fig.axes[0].patches]
+    assert heights[:2] == [0.3, 0.3] and np.isnan(heights[2:]).all()  # brain and mean: DiffuGTS drawn, no bound
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["brain", "mean"]
