@@ -616,12 +616,13 @@ def _zero_shot(args) -> int:
         results = reusable_results(args.out / setting, config, pipeline)
         if results is None:
             results = zero_shot_benchmark(config, pipeline=pipeline, progress=True)
+            write_benchmark(results, args.out / setting)  # kept if the upper bound's training is stopped
         else:
             print(f"{setting}: reusing {args.out / setting / 'results.json'} (same configuration and heads)")
         if args.heads_cache is not None and "supervised_heads" not in results:
             results = add_supervised_upper_bound(
                 results, config, lambda name: setting_pipeline(name, args.heads_cache, progress=True), progress=True)
-        write_benchmark(results, args.out / setting)
+            write_benchmark(results, args.out / setting)
         runs.append(results)
         tables.append(format_table(results))
         print(tables[-1])
