@@ -376,16 +376,20 @@ def add_supervised_upper_bound(results: dict, config: ZeroShotConfig, pipeline_f
         categories.append({**entry, **{
             f"{metric}_{SUPERVISED}": round(float(np.mean([per_case[case.case_id][f"{metric}_{SUPERVISED}"]
                                                            for case in cases])), 4) for metric in ("dsc", "nsd")}})
-    means = {}
-    for metric in ("dsc", "nsd"):
-        values = [entry[f"{metric}_{SUPERVISED}"] for entry in categories]
-        means[f"{metric}_{SUPERVISED}"] = None if None in values else round(float(np.mean(values)), 4)
+    means = {f"{metric}_{SUPERVISED}": mean_or_none([entry[f"{metric}_{SUPERVISED}"] for entry in categories])
+             for metric in ("dsc", "nsd")}
     return {**results, "categories": categories, "mean_unseen": {**results["mean_unseen"], **means},
             "per_case": list(per_case.values()),
             "methods": {**results["methods"], SUPERVISED: SUPERVISED_LABEL},
             "supervised_heads": {c: s or "none: no setting trains on this category's tumors"
                                  for c, s in heads_of.items()},
             "timing": {**results.get("timing", {}), "supervised_wall_s": round(time.perf_counter() - start, 1)}}
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    """The mean of a row's category cells, or None (n/a) when any cell is n/a: a mean over fewer categories would
+    not be comparable with the other rows."""
+    return None if None in values else round(float(np.mean(values)), 4)
 
 
 def combine_settings(runs: list[dict]) -> dict:
@@ -396,10 +400,7 @@ def combine_settings(runs: list[dict]) -> dict:
         methods.update(run["methods"])
     blank = {f"{metric}_{method}": None for method in methods for metric in ("dsc", "nsd")}
     categories = [{**blank, **entry} for run in runs for entry in run["categories"]]
-    mean = {}
-    for key in blank:
-        values = [entry[key] for entry in categories]
-        mean[key] = None if None in values else round(float(np.mean(values)), 4)
+    mean = {key: mean_or_none([entry[key] for entry in categories]) for key in blank}
     supervised = {c: s for run in runs for c, s in run.get("supervised_heads", {}).items()}
     return {"setting": " + ".join(run["setting"] for run in runs),
             "seen": ["per column, every other category of its setting"], "unseen": [c["category"] for c in categories],
