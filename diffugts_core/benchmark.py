@@ -455,7 +455,8 @@ def benchmark_settings(name: str) -> tuple[str, ...]:
 def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool = False):
     """The pipeline with the heads of ``setting``: the `train-heads` folder ``heads_cache/<setting>`` (the same cache
     as `evaluate-aova --heads-cache`), trained there first (AOVA heads, then the residual head) when it is missing or
-    was trained with another configuration; for seen -> unseen, the shipped heads unless that folder exists."""
+    was trained with another configuration; for seen -> unseen, the shipped heads unless that folder exists. The
+    residual head's pseudo-healthy training images are cached in ``heads_cache/pseudo_healthy``."""
     from .backbone import load_backbone
     from .heads import HeadsConfig, cached_heads, train_heads
     from .pipeline import DiffuGTSPipeline
@@ -477,7 +478,8 @@ def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool =
         heads.save(folder)
         (folder / "residual.json").unlink(missing_ok=True)  # a residual head of other AOVA heads does not carry over
     if not (folder / "residual.json").is_file():
-        train_residual_head(heads, backbone, text_encoder, progress=progress).save(folder)
+        train_residual_head(heads, backbone, text_encoder, cache=Path(heads_cache) / "pseudo_healthy",
+                            progress=progress).save(folder)
     return DiffuGTSPipeline.from_pretrained(folder)
 
 
