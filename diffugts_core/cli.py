@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     heads.add_argument("--model", default="default", help="foundation model (default: the shipped one)")
     heads.add_argument("--residual-steps", type=int, default=800, help="residual head training steps (default 800)")
+    heads.add_argument("--lesion-free-healthy", type=int, default=0, metavar="N",
+                       help="N more healthy cases per region that no seen category lies in (MRI brain), with 3 "
+                            "synthetic anomalies each, for the residual head (default 0; docs/refinement_findings.md "
+                            "section 6)")
     heads.add_argument("--residual-only", action="store_true",
                        help="train only the residual head, on the AOVA + region heads already in --out")
     heads.add_argument("--cache", type=Path, help="cache folder for the pseudo-healthy images of the residual head's "
@@ -380,6 +384,8 @@ def _run_train_heads(args) -> int:
     seen, unseen = setting_categories(args.setting)
     if args.residual_steps < 1:
         raise InputError("--residual-steps must be at least 1")
+    if args.lesion_free_healthy < 0:
+        raise InputError("--lesion-free-healthy must be 0 or more")
     backbone = load_backbone(args.model)
     text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
     config = HeadsConfig(setting=args.setting, steps=args.steps, train_per_category=args.per_category, seed=args.seed)
@@ -393,8 +399,8 @@ def _run_train_heads(args) -> int:
             raise InputError(f"{args.out} holds heads of {heads.setting}, not {args.setting}")
     else:
         heads = train_heads(backbone, text_encoder, config, progress=not args.no_progress)
-    residual = train_residual_head(heads, backbone, text_encoder, ResidualConfig(steps=args.residual_steps,
-                                                                                 seed=args.seed),
+    residual = train_residual_head(heads, backbone, text_encoder, ResidualConfig(
+        steps=args.residual_steps, seed=args.seed, lesion_free_healthy=args.lesion_free_healthy),
                                    cache=args.cache, progress=not args.no_progress)
     if not args.residual_only:
         heads.save(args.out)
@@ -405,6 +411,7 @@ def _run_train_heads(args) -> int:
     if args.register:
         command = (f"diffugts train-heads --setting {args.setting} --out {args.out} --steps {args.steps} "
                    f"--per-category {args.per_category} --residual-steps {args.residual_steps} --seed {args.seed}"
+                   + (f" --lesion-free-healthy {args.lesion_free_healthy}" if args.lesion_free_healthy else "")
                    + (" --residual-only" if args.residual_only else ""))
         earlier = load_registry().get(args.register, {}).get("command") if args.residual_only else None
         if earlier:  # how the AOVA heads beside it were made: the first command of the earlier entry

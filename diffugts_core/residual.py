@@ -50,6 +50,11 @@ class ResidualConfig:
     lr: float = 2e-3
     channels: int = 16
     synthetic_anomalies: int = 1  # per training case (the AOVA heads' recipe; no tumor category)
+    # healthy cases added per region that no seen category lies in (MRI brain, in every setting), with
+    # ``lesion_free_anomalies`` synthetic anomalies each: there the head meets no real lesion, and one anomaly in each of
+    # 4 brains put 35 lesion voxels into its training regions (docs/refinement_findings.md section 6). 0: off
+    lesion_free_healthy: int = 0
+    lesion_free_anomalies: int = 3
     min_voxels: int = 10  # smaller components of the final mask are dropped
     seed: int = 0
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
@@ -305,13 +310,16 @@ def train_residual_head(heads: TrainedHeads, backbone, text_encoder, config: Res
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     cases = list(split_cases(heads.setting, "refine", heads.config, shape))
+    first_added = len(cases)
+    cases += lesion_free_cases(heads, config, shape)
     leaked = {c.category for c in cases} - {"healthy", *heads.seen}
     if leaked:  # the data loader itself is checked, not the convention
         raise RuntimeError(f"categories {sorted(leaked)} are not seen in {heads.setting} but reached its training set")
     examples = []
-    for case in tqdm(cases, desc="residual data", disable=not progress):
+    for index, case in enumerate(tqdm(cases, desc="residual data", disable=not progress)):
         image, lesion = case.image, case.tumor > 0
-        for _ in range(config.synthetic_anomalies):
+        anomalies = config.lesion_free_anomalies if index >= first_added else config.synthetic_anomalies
+        for _ in range(anomalies):
             image, blob, _ = insert_synthetic_anomaly(image, case.organs, case.modality, case.spacing, rng)
             lesion = lesion | blob
         organ = CATEGORY_ORGAN[case.category] if case.category != "healthy" else REGION_ORGAN[case.region]
@@ -327,6 +335,16 @@ def train_residual_head(heads: TrainedHeads, backbone, text_encoder, config: Res
     validation = [c for c in split_cases(heads.setting, "validation", heads.config, shape) if c.category != "healthy"]
     trained.thresholds = choose_refinement_thresholds(trained, heads, backbone, text_encoder, validation, cache=cache)
     return trained
+
+
+def lesion_free_cases(heads: TrainedHeads, config: ResidualConfig, shape=phantoms.DEFAULT_SHAPE) -> list:
+    """``config.lesion_free_healthy`` more healthy refine-split cases of each region no seen category lies in (the
+    indices after the split's own)."""
+    seen_regions = {phantoms.CATEGORY_REGION.get(c, "abdomen") for c in heads.seen}
+    first = heads.config.healthy_per_region
+    return [phantoms.generate_case("healthy", index, SEEDS["refine"], shape, region=region)
+            for region in ("abdomen", "thorax", "brain") if region not in seen_regions
+            for index in range(first, first + config.lesion_free_healthy)]
 
 
 def _fit_head(head: ResidualHead, examples: list[_Example], config: ResidualConfig, rng, progress: bool) -> None:

@@ -165,3 +165,9 @@ def test_train_heads_residual_only_needs_heads_of_the_setting(tmp_path, capsys):
     assert main(["train-heads", "--setting", "loo-liver", "--out", str(tmp_path), "--residual-only"]) == 2
     assert "holds heads of seen-unseen" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heads.json", "heads.safetensors"]  # nothing written
+
+
+def test_train_heads_refuses_a_negative_count_of_lesion_free_cases(tmp_path, capsys):
+    assert main(["train-heads", "--setting", "ct-mri", "--out", str(tmp_path / "h"), "--lesion-free-healthy", "-1"]) == 2
+    assert "--lesion-free-healthy must be 0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()

@@ -208,3 +208,25 @@ def test_train_residual_head_on_a_small_refine_split_validates_its_thresholds(tm
     assert len(list((tmp_path / "cache").glob("*.npz"))) >= 6  # the refine cases' pseudo-healthy images, cached
     trained.save(tmp_path / "heads")
     assert TrainedResidualHead.load(tmp_path / "heads").thresholds == trained.thresholds
+
+
+def test_lesion_free_cases_are_new_healthy_cases_of_the_regions_no_seen_category_lies_in():
+    from diffugts_core.heads import SEEDS, HeadsConfig
+
+    def heads_of(setting, seen):
+        return type("Heads", (), {"setting": setting, "seen": seen, "config": HeadsConfig(healthy_per_region=4)})()
+
+    shape = (32, 32, 16)
+    assert residual_module.lesion_free_cases(heads_of("ct-mri", phantoms.CT_CATEGORIES), ResidualConfig(), shape) == []
+    config = ResidualConfig(lesion_free_healthy=2)
+    ct_mri = residual_module.lesion_free_cases(heads_of("ct-mri", phantoms.CT_CATEGORIES), config, shape)
+    assert [(c.category, c.region, c.modality) for c in ct_mri] == [("healthy", "brain", "MRI")] * 2
+    # the refine split's own healthy cases are indices 0-3: these are others, of the same seed
+    own = phantoms.generate_case("healthy", 3, SEEDS["refine"], shape, region="brain")
+    assert ct_mri[0].case_id != own.case_id and not np.array_equal(ct_mri[0].image, own.image)
+    assert np.array_equal(ct_mri[0].image, phantoms.generate_case("healthy", 4, SEEDS["refine"], shape,
+                                                                  region="brain").image)
+    no_lung = tuple(c for c in phantoms.CT_CATEGORIES if c != "lung")  # loo-lung: the thorax holds no seen category
+    regions = [c.region for c in residual_module.lesion_free_cases(heads_of("loo-lung", no_lung), config, shape)]
+    assert regions == ["thorax", "thorax", "brain", "brain"]
+    assert all(c.tumor.sum() == 0 for c in ct_mri)
