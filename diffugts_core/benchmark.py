@@ -304,6 +304,7 @@ def zero_shot_benchmark(config: ZeroShotConfig = ZeroShotConfig(), *, pipeline=N
         "config": asdict(config), "seeds": {"test": SEEDS["test"], "validation": SEEDS["validation"]},
         "methods": METHODS, "categories": categories, "mean_unseen": mean, "per_case": per_case,
         "thresholds": {**pipeline_thresholds(pipeline), "fitted_here": thresholds},
+        "weights_sha256": pipeline.weights_sha256(),
         "timing": {"wall_s": round(time.perf_counter() - start, 1),
                    "mean_case_pipeline_s": round(float(np.mean(seconds)), 2) if seconds else None,
                    "peak_memory_mb": round(peak_memory_mb(), 1), "device": str(pipeline.backbone.device)},
@@ -320,14 +321,15 @@ def pipeline_thresholds(pipeline) -> dict:
 
 
 def reusable_results(folder: Path, config: ZeroShotConfig, pipeline) -> dict | None:
-    """The results.json a run of the same configuration and the same heads left in ``folder`` (None: run again), so
+    """The results.json a run of the same configuration and the same weights left in ``folder`` (None: run again), so
     that a long benchmark can add its upper-bound row, or go on after a stop, without running every method again."""
     path = Path(folder) / "results.json"
     if not path.is_file():
         return None
     results = json.loads(path.read_text())
     thresholds = json.loads(json.dumps(pipeline_thresholds(pipeline)))  # as the JSON round trip gives them
-    if results.get("config") != asdict(config) or results["thresholds"]["detection"] != thresholds["detection"] or \
+    if results.get("config") != asdict(config) or results.get("weights_sha256") != pipeline.weights_sha256() or \
+            results["thresholds"]["detection"] != thresholds["detection"] or \
             results["thresholds"]["refinement"] != thresholds["refinement"]:
         return None
     timing = path.with_name("timing.json")
@@ -455,12 +457,12 @@ def benchmark_settings(name: str) -> tuple[str, ...]:
 def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool = False):
     """The pipeline with the heads of ``setting``: the `train-heads` folder ``heads_cache/<setting>`` (the same cache
     as `evaluate-aova --heads-cache`), trained there first (AOVA heads, then the residual head) when it is missing or
-    was trained with another configuration; for seen -> unseen, the shipped heads unless that folder exists. The
-    residual head's pseudo-healthy training images are cached in ``heads_cache/pseudo_healthy``."""
+    was trained with another configuration than the defaults; for seen -> unseen, the shipped heads unless that folder
+    exists. The residual head's pseudo-healthy training images are cached in ``heads_cache/pseudo_healthy``."""
     from .backbone import load_backbone
     from .heads import HeadsConfig, cached_heads, train_heads
     from .pipeline import DiffuGTSPipeline
-    from .residual import train_residual_head
+    from .residual import ResidualConfig, TrainedResidualHead, train_residual_head
     from .text import TextEncoder
 
     if setting == "seen-unseen" and (heads_cache is None or not (Path(heads_cache) / setting).is_dir()):
@@ -477,7 +479,7 @@ def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool =
         heads = train_heads(backbone, text_encoder, config, progress=progress)
         heads.save(folder)
         (folder / "residual.json").unlink(missing_ok=True)  # a residual head of other AOVA heads does not carry over
-    if not (folder / "residual.json").is_file():
+    if not (folder / "residual.json").is_file() or TrainedResidualHead.load(folder).config != ResidualConfig():
         train_residual_head(heads, backbone, text_encoder, cache=Path(heads_cache) / "pseudo_healthy",
                             progress=progress).save(folder)
     return DiffuGTSPipeline.from_pretrained(folder)

@@ -99,6 +99,18 @@ class DiffuGTSPipeline:
         text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder, device=device)
         return cls(backbone, text_encoder, TrainedHeads.load(folder), TrainedResidualHead.load(folder), source=folder)
 
+    def weights_sha256(self) -> dict[str, str]:
+        """sha256 of every weight file behind the pipeline: the foundation model's and the heads'."""
+        from .backbone.registry import sha256_file
+
+        weights = {}
+        source = getattr(self.backbone, "source", None)
+        if source is not None:
+            weights.update({f"model/{p.parent.name}": sha256_file(p) for p in sorted(source.glob("*/*.safetensors"))})
+        if self.heads_folder is not None:
+            weights.update({f"heads/{p.name}": sha256_file(p) for p in sorted(self.heads_folder.glob("*.safetensors"))})
+        return weights
+
     def __call__(self, volume: Volume, organ: str, *, modality: str = "CT", prompt: str | None = None,
                  organ_mask: Volume | None = None, seeds: int = 1, seed: int = 0, method: str = "head",
                  progress: bool = False) -> SegmentationResult:
@@ -230,20 +242,14 @@ def segmentation_report(pipeline: DiffuGTSPipeline, result: SegmentationResult, 
     import resource
 
     from . import __version__
-    from .backbone.registry import sha256_file
 
-    weights = {}
-    source = getattr(pipeline.backbone, "source", None)
-    if source is not None:
-        weights.update({f"model/{p.parent.name}": sha256_file(p) for p in sorted(source.glob("*/*.safetensors"))})
-    if pipeline.heads_folder is not None:
-        weights.update({f"heads/{p.name}": sha256_file(p) for p in sorted(pipeline.heads_folder.glob("*.safetensors"))})
     spacing = np.abs(np.linalg.det(result.affine[:3, :3]))
     return {
         "image": None if image is None else str(image), "organ": result.organ, "prompt": result.prompt,
         "versions": {"diffugts-core": __version__,
                      **{name: metadata.version(name) for name in ("torch", "diffusers", "transformers", "numpy")}},
-        "weights_sha256": weights, "setting": pipeline.heads.setting, "seen": list(pipeline.heads.seen),
+        "weights_sha256": pipeline.weights_sha256(), "setting": pipeline.heads.setting,
+        "seen": list(pipeline.heads.seen),
         "seed": seed, "seeds": result.seeds, "thresholds": result.thresholds,
         "regions": [{"voxels": r.voxels, "mean_s": r.mean_s, "probability": r.probability,
                      "kept": r.probability >= pipeline.heads.thresholds.region} for r in result.detection.regions],

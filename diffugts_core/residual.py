@@ -61,7 +61,8 @@ class ResidualConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ResidualConfig":
-        return cls(**{**data, "inpaint": InpaintConfig(**data["inpaint"])})
+        # heads saved before lesion-free cases existed were trained without them
+        return cls(**{"lesion_free_healthy": 0, **data, "inpaint": InpaintConfig(**data["inpaint"])})
 
 
 @dataclass(frozen=True)

@@ -2,19 +2,23 @@
 logic on known cases, and the same seed giving the same results.json."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from dataclasses import asdict, replace
 
+from diffugts_core import heads as heads_module
 from diffugts_core import phantoms
+from diffugts_core import residual as residual_module
 from diffugts_core.benchmark import (METHODS, ZeroShotConfig, add_supervised_upper_bound, benchmark_settings,
                                      combine_settings, format_table, gate_failures, pipeline_thresholds, regression_metrics,
                                      reusable_results, setting_pipeline, supervised_setting, write_benchmark,
                                      zero_shot_benchmark)
 from diffugts_core.cli import main
 from diffugts_core.heads import SEEDS, role_categories
+from diffugts_core.residual import ResidualConfig, TrainedResidualHead
 
 ROOT = Path(__file__).resolve().parents[1]
 GATE = ROOT / "notebooks" / "regression"
@@ -103,17 +107,22 @@ def shipped_pipeline():
     return DiffuGTSPipeline.from_pretrained(device="cpu")
 
 
-def test_results_are_reused_only_for_the_same_configuration_and_heads(tmp_path, shipped_pipeline):
+def test_results_are_reused_only_for_the_same_configuration_and_weights(tmp_path, shipped_pipeline):
     config = ZeroShotConfig(test_per_category=1)
     assert reusable_results(tmp_path, config, shipped_pipeline) is None  # nothing there yet
     results = {"setting": config.setting, "config": asdict(config), "per_case": [], "timing": {"wall_s": 1.0},
-               "thresholds": {**pipeline_thresholds(shipped_pipeline), "fitted_here": {}}}
+               "thresholds": {**pipeline_thresholds(shipped_pipeline), "fitted_here": {}},
+               "weights_sha256": shipped_pipeline.weights_sha256()}
     (tmp_path / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "timing"}))
     (tmp_path / "timing.json").write_text(json.dumps(results["timing"]))
     assert reusable_results(tmp_path, config, shipped_pipeline) == json.loads(json.dumps(results))
     assert reusable_results(tmp_path, replace(config, seed=1), shipped_pipeline) is None
     retrained = json.loads(json.dumps(results))
     retrained["thresholds"]["detection"]["anomaly"] += 0.1  # other heads bring other thresholds
+    (tmp_path / "results.json").write_text(json.dumps(retrained))
+    assert reusable_results(tmp_path, config, shipped_pipeline) is None
+    # heads retrained to the same thresholds: the weights tell them apart
+    retrained = {**json.loads(json.dumps(results)), "weights_sha256": {"heads/residual.safetensors": "0" * 64}}
     (tmp_path / "results.json").write_text(json.dumps(retrained))
     assert reusable_results(tmp_path, config, shipped_pipeline) is None
 
@@ -147,6 +156,26 @@ def test_supervised_upper_bound_marks_the_tumor_of_a_seen_category(tmp_path, shi
 def test_seen_unseen_keeps_the_shipped_heads_when_the_cache_has_none_of_its_own(tmp_path, shipped_pipeline):
     pipeline = setting_pipeline("seen-unseen", tmp_path / "heads")
     assert pipeline.heads.seen == shipped_pipeline.heads.seen and not (tmp_path / "heads").exists()  # nothing trained
+
+
+def test_a_cached_residual_head_of_another_configuration_is_trained_again(tmp_path, monkeypatch):
+    folder = tmp_path / "heads" / "seen-unseen"
+    shutil.copytree(ROOT / "models" / "aova_heads" / "seen_unseen", folder)
+    trained = []
+
+    def train_residual_head(heads, *args, **kwargs):
+        trained.append(heads.setting)
+        return TrainedResidualHead.load(ROOT / "models" / "aova_heads" / "seen_unseen")
+
+    monkeypatch.setattr(heads_module, "train_heads", lambda *a, **k: pytest.fail("the cached AOVA heads match"))
+    monkeypatch.setattr(residual_module, "train_residual_head", train_residual_head)
+    setting_pipeline("seen-unseen", tmp_path / "heads")
+    assert trained == []  # trained with the defaults: reused
+    meta = json.loads((folder / "residual.json").read_text())
+    meta["config"]["steps"] += 1
+    (folder / "residual.json").write_text(json.dumps(meta))
+    pipeline = setting_pipeline("seen-unseen", tmp_path / "heads")
+    assert trained == ["seen-unseen"] and pipeline.residual.config == ResidualConfig()
 
 
 def _run(category: str, full: float, supervised: float | None = None) -> dict:

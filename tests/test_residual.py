@@ -1,6 +1,6 @@
 """Stage 5: ROI inpainting windows, residuals, the training-free fusion, the residual head and its training data."""
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -230,3 +230,10 @@ def test_lesion_free_cases_are_new_healthy_cases_of_the_regions_no_seen_category
     regions = [c.region for c in residual_module.lesion_free_cases(heads_of("loo-lung", no_lung), config, shape)]
     assert regions == ["thorax", "thorax", "brain", "brain"]
     assert all(c.tumor.sum() == 0 for c in ct_mri)
+
+
+def test_a_residual_head_saved_before_lesion_free_cases_existed_loads_as_trained_without_them():
+    saved = asdict(ResidualConfig(lesion_free_healthy=5))
+    del saved["lesion_free_healthy"]
+    assert ResidualConfig.from_dict(saved).lesion_free_healthy == 0
+    assert ResidualConfig.from_dict(asdict(ResidualConfig(lesion_free_healthy=5))).lesion_free_healthy == 5
