@@ -17,7 +17,7 @@ from .benchmark import ZeroShotConfig, zero_shot_benchmark
 from .heads import HeadsConfig, TrainedHeads, detect_case, detect_volume, load_heads, run_aova, train_heads
 from .inpaint import InpaintConfig, pseudo_healthy
 from .pipeline import DiffuGTSPipeline, SegmentationResult
-from .residual import ResidualConfig, TrainedResidualHead, train_residual_head
+from .residual import ResidualConfig, TrainedResidualHead, train_modality_heads, train_residual_head
 from .io import CaseRecord, InputError, Volume, load_image_and_label, load_volume, save_volume
 from .manifests import list_manifests, load_dataset, load_manifest, load_organ_mask, load_tumor_mask
 from .metrics import detection_auroc, dice, evaluate_folders, evaluate_pair, roc_curve, summarize, surface_dice
@@ -34,5 +34,5 @@ __all__ = [
     "load_heads", "load_image_and_label", "load_manifest", "load_organ_mask", "load_tumor_mask", "load_volume",
     "montage", "normalize_mri", "plan_spatial", "pseudo_healthy", "ResidualConfig", "roc_curve", "run_aova",
     "save_figure", "save_volume", "SegmentationResult", "summarize", "surface_dice", "train_heads",
-    "train_residual_head", "TrainedResidualHead", "window_ct", "ZeroShotConfig", "zero_shot_benchmark",
+    "train_modality_heads", "train_residual_head", "TrainedResidualHead", "window_ct", "ZeroShotConfig", "zero_shot_benchmark",
 ]

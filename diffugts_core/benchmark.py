@@ -199,7 +199,7 @@ def case_masks(pipeline, case, config: ZeroShotConfig, thresholds: dict | None =
     """Every method on one case: (masks by method, or None where a threshold is still to be fitted; the score maps of
     the fitted methods with the region they may mark; facts about the case)."""
     organ = CATEGORY_ORGAN[case.category]
-    residual = pipeline.residual
+    residual = pipeline.residual_head(case.modality)
     inpaint = replace(residual.config.inpaint, steps=config.inpaint_steps or residual.config.inpaint.steps)
     result = pipeline.segment_grid(case.image, case.spacing, organ, modality=case.modality, seed=config.seed,
                                    inpaint=inpaint)
@@ -312,12 +312,18 @@ def zero_shot_benchmark(config: ZeroShotConfig = ZeroShotConfig(), *, pipeline=N
 
 
 def pipeline_thresholds(pipeline) -> dict:
-    """The thresholds a pipeline brings (fitted when its heads were trained), with their provenance."""
-    heads, refinement = pipeline.heads, pipeline.residual.thresholds
+    """The thresholds a pipeline brings (fitted when its heads were trained), with their provenance: "refinement" of
+    the seen categories' residual head, "refinement_mri" of the MRI head where there is one."""
+    heads = pipeline.heads
+    used_by = ["full", "nongenerative_fill (head)", "feature_residual (fusion)"]
+    refinement = {}
+    for modality, residual in {None: pipeline.residual, **pipeline.modality_heads}.items():
+        thresholds = residual.thresholds
+        refinement[residual.stem(modality).replace("residual", "refinement")] = {
+            "head": thresholds.head, "fusion": thresholds.fusion, "provenance": thresholds.provenance,
+            "used_by": used_by if modality is None else [f"{method}, on {modality} cases" for method in used_by]}
     return {"detection": {**{k: v for k, v in vars(heads.thresholds).items() if k != "provenance"},
-                          "provenance": heads.thresholds.provenance},
-            "refinement": {"head": refinement.head, "fusion": refinement.fusion, "provenance": refinement.provenance,
-                           "used_by": ["full", "nongenerative_fill (head)", "feature_residual (fusion)"]}}
+                          "provenance": heads.thresholds.provenance}, **refinement}
 
 
 def reusable_results(folder: Path, config: ZeroShotConfig, pipeline) -> dict | None:
@@ -328,9 +334,9 @@ def reusable_results(folder: Path, config: ZeroShotConfig, pipeline) -> dict | N
         return None
     results = json.loads(path.read_text())
     thresholds = json.loads(json.dumps(pipeline_thresholds(pipeline)))  # as the JSON round trip gives them
+    brought = {k: v for k, v in results.get("thresholds", {}).items() if k != "fitted_here"}
     if results.get("config") != asdict(config) or results.get("weights_sha256") != pipeline.weights_sha256() or \
-            results["thresholds"]["detection"] != thresholds["detection"] or \
-            results["thresholds"]["refinement"] != thresholds["refinement"]:
+            brought != thresholds:
         return None
     timing = path.with_name("timing.json")
     return {**results, "timing": json.loads(timing.read_text()) if timing.is_file() else {}}
@@ -456,13 +462,14 @@ def benchmark_settings(name: str) -> tuple[str, ...]:
 
 def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool = False):
     """The pipeline with the heads of ``setting``: the `train-heads` folder ``heads_cache/<setting>`` (the same cache
-    as `evaluate-aova --heads-cache`), trained there first (AOVA heads, then the residual head) when it is missing or
-    was trained with another configuration than the defaults; for seen -> unseen, the shipped heads unless that folder
-    exists. The residual head's pseudo-healthy training images are cached in ``heads_cache/pseudo_healthy``."""
+    as `evaluate-aova --heads-cache`), trained there first (AOVA heads, then the residual heads: the MRI head only
+    where the setting's test cases are MRI) when it is missing or was trained with another configuration than the
+    defaults; for seen -> unseen, the shipped heads unless that folder exists. The residual heads' pseudo-healthy training images are cached in ``heads_cache/pseudo_healthy``."""
     from .backbone import load_backbone
     from .heads import HeadsConfig, cached_heads, train_heads
     from .pipeline import DiffuGTSPipeline
-    from .residual import ResidualConfig, TrainedResidualHead, train_residual_head
+    from .residual import (ResidualConfig, TrainedResidualHead, load_modality_heads, modality_regions,
+                           train_modality_heads, train_residual_head)
     from .text import TextEncoder
 
     if setting == "seen-unseen" and (heads_cache is None or not (Path(heads_cache) / setting).is_dir()):
@@ -478,11 +485,23 @@ def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool =
     if heads is None:
         heads = train_heads(backbone, text_encoder, config, progress=progress)
         heads.save(folder)
-        (folder / "residual.json").unlink(missing_ok=True)  # a residual head of other AOVA heads does not carry over
+        for stale in folder.glob("residual*.json"):  # residual heads of other AOVA heads do not carry over
+            stale.unlink()
+    cache = Path(heads_cache) / "pseudo_healthy"
     if not (folder / "residual.json").is_file() or TrainedResidualHead.load(folder).config != ResidualConfig():
-        train_residual_head(heads, backbone, text_encoder, cache=Path(heads_cache) / "pseudo_healthy",
-                            progress=progress).save(folder)
+        train_residual_head(heads, backbone, text_encoder, cache=cache, progress=progress).save(folder)
+    needed = set(modality_regions(heads)) & evaluated_modalities(setting)  # MRI for ct-mri; none for the CT settings
+    modality_heads = load_modality_heads(folder)
+    if any(m not in modality_heads or modality_heads[m].config != ResidualConfig() for m in needed):
+        for head in train_modality_heads(heads, backbone, text_encoder, cache=cache, progress=progress):
+            head.save(folder)
     return DiffuGTSPipeline.from_pretrained(folder)
+
+
+def evaluated_modalities(setting: str) -> set[str]:
+    """The modalities of a setting's unseen (test) categories."""
+    return {phantoms.REGION_MODALITY[phantoms.CATEGORY_REGION.get(category, "abdomen")]
+            for category in role_categories(setting, "unseen")}
 
 
 def write_benchmark(results: dict, folder: Path) -> list[Path]:

@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     heads = sub.add_parser("train-heads", help="train AOVA adapters, W_q, W_k and the region head for a setting",
                            description="Train the small heads on the seen categories of a zero-shot setting (held-out "
                            "categories never reach the training data): AOVA + region head (heads.json), then the "
-                           "residual head on their inpainted cases (residual.json); thresholds come from a validation "
-                           "split of seen categories. Weights as safetensors.")
+                           "residual head on their inpainted cases (residual.json), and a residual head for each "
+                           "modality no seen category is in, on healthy cases with synthetic anomalies "
+                           "(residual_mri.json); thresholds come from validation cases. Weights as safetensors.")
     heads.add_argument("--setting", required=True, help="loo-<category>, seen-unseen or ct-mri")
     heads.add_argument("--out", type=Path, required=True, help="folder to write")
     heads.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
@@ -123,13 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     heads.add_argument("--model", default="default", help="foundation model (default: the shipped one)")
     heads.add_argument("--residual-steps", type=int, default=800, help="residual head training steps (default 800)")
-    heads.add_argument("--lesion-free-healthy", type=int, default=0, metavar="N",
-                       help="N more healthy cases per region that no seen category lies in (MRI brain), with 3 "
-                            "synthetic anomalies each, for the residual head (default 0; docs/refinement_findings.md "
-                            "section 6)")
+    heads.add_argument("--modality-healthy", type=int, default=16, metavar="N",
+                       help="healthy training cases per region for the residual head of a modality no seen category "
+                            "is in (MRI brain), 3 synthetic anomalies each (default 16; 0: no such head, the one "
+                            "residual head serves every modality; docs/refinement_findings.md section 6)")
     heads.add_argument("--residual-only", action="store_true",
-                       help="train only the residual head, on the AOVA + region heads already in --out")
-    heads.add_argument("--cache", type=Path, help="cache folder for the pseudo-healthy images of the residual head's "
+                       help="train only the residual heads, on the AOVA + region heads already in --out")
+    heads.add_argument("--cache", type=Path, help="cache folder for the pseudo-healthy images of the residual heads' "
                        "training and validation cases (default: none)")
     heads.add_argument("--register", metavar="NAME", help="also record every file's sha256 in models/registry.yaml")
     heads.add_argument("--no-progress", action="store_true")
@@ -378,14 +379,14 @@ def _run_train_heads(args) -> int:
     from .backbone import load_backbone
     from .backbone.registry import load_registry, record_model
     from .heads import HeadsConfig, TrainedHeads, setting_categories, train_heads
-    from .residual import ResidualConfig, train_residual_head
+    from .residual import ResidualConfig, train_modality_heads, train_residual_head
     from .text import TextEncoder
 
     seen, unseen = setting_categories(args.setting)
     if args.residual_steps < 1:
         raise InputError("--residual-steps must be at least 1")
-    if args.lesion_free_healthy < 0:
-        raise InputError("--lesion-free-healthy must be 0 or more")
+    if args.modality_healthy < 0:
+        raise InputError("--modality-healthy must be 0 or more")
     backbone = load_backbone(args.model)
     text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
     config = HeadsConfig(setting=args.setting, steps=args.steps, train_per_category=args.per_category, seed=args.seed)
@@ -399,25 +400,33 @@ def _run_train_heads(args) -> int:
             raise InputError(f"{args.out} holds heads of {heads.setting}, not {args.setting}")
     else:
         heads = train_heads(backbone, text_encoder, config, progress=not args.no_progress)
-    residual = train_residual_head(heads, backbone, text_encoder, ResidualConfig(
-        steps=args.residual_steps, seed=args.seed, lesion_free_healthy=args.lesion_free_healthy),
-                                   cache=args.cache, progress=not args.no_progress)
+    residual_config = ResidualConfig(steps=args.residual_steps, seed=args.seed, modality_healthy=args.modality_healthy)
+    residual = train_residual_head(heads, backbone, text_encoder, residual_config, cache=args.cache,
+                                   progress=not args.no_progress)
+    modality_heads = train_modality_heads(heads, backbone, text_encoder, residual_config, cache=args.cache,
+                                          progress=not args.no_progress)
     if not args.residual_only:
         heads.save(args.out)
-    residual.save(args.out)
+    for stale in args.out.glob("residual_*.*"):  # modality heads of an earlier run that this one does not replace
+        stale.unlink()
+    for head in (residual, *modality_heads):
+        head.save(args.out)
     print(f"setting {args.setting}: seen {', '.join(seen)}; unseen {', '.join(unseen)}")
     print(f"thresholds: {heads.thresholds}; refinement: {residual.thresholds}")
+    for head in modality_heads:
+        print(f"refinement of {head.modality} cases (their own residual head): {head.thresholds}")
     print(f"wrote {args.out} in {(time.perf_counter() - start) / 60:.1f} min")
     if args.register:
         command = (f"diffugts train-heads --setting {args.setting} --out {args.out} --steps {args.steps} "
                    f"--per-category {args.per_category} --residual-steps {args.residual_steps} --seed {args.seed}"
-                   + (f" --lesion-free-healthy {args.lesion_free_healthy}" if args.lesion_free_healthy else "")
+                   + (f" --modality-healthy {args.modality_healthy}"
+                      if args.modality_healthy != ResidualConfig().modality_healthy else "")
                    + (" --residual-only" if args.residual_only else ""))
         earlier = load_registry().get(args.register, {}).get("command") if args.residual_only else None
         if earlier:  # how the AOVA heads beside it were made: the first command of the earlier entry
             command = f"{earlier.split(' && ')[0]} && {command}"
         entry = record_model(args.register, Path(args.out), command=command, licence="Apache-2.0",
-                             description=f"AOVA + region heads and residual head, setting {args.setting} "
+                             description=f"AOVA + region heads and residual heads, setting {args.setting} "
                              f"(seen: {', '.join(seen)}), on the {args.model} foundation model")
         print(f"registered {args.register}: {len(entry['files'])} files, {entry['size_mb']} MB")
     return 0

@@ -33,7 +33,7 @@ from .io import InputError, Volume, check_same_grid
 from .metrics import dice, surface_dice
 from .preprocess import SpatialPlan, model_grid_plan
 from .residual import (Residuals, TrainedResidualHead, coarse_roi, final_mask, fusion_map, head_inputs,
-                       inpaint_region, refined_probability, residuals_of)
+                       inpaint_region, load_modality_heads, refined_probability, residuals_of)
 from .text import check_prompt
 
 
@@ -78,15 +78,23 @@ class SegmentationResult:
 
 
 class DiffuGTSPipeline:
-    """Backbone + text encoder + AOVA/region heads + residual head of one zero-shot setting."""
+    """Backbone + text encoder + AOVA/region heads + residual heads of one zero-shot setting: the seen categories'
+    head (``residual``) and one per modality no seen category is in (``modality_heads``, e.g. {"MRI": ...})."""
 
     def __init__(self, backbone, text_encoder, heads: TrainedHeads, residual: TrainedResidualHead, *,
-                 source: Path | None = None):
-        if residual.setting != heads.setting:
-            raise InputError(f"the residual head was trained for {residual.setting}, the AOVA heads for "
-                             f"{heads.setting}; use heads and residual head of one setting (one train-heads folder)")
+                 modality_heads: dict[str, TrainedResidualHead] | None = None, source: Path | None = None):
+        self.modality_heads = dict(modality_heads or {})
+        for head in (residual, *self.modality_heads.values()):
+            if head.setting != heads.setting:
+                raise InputError(f"the residual head was trained for {head.setting}, the AOVA heads for "
+                                 f"{heads.setting}; use heads and residual heads of one setting (one train-heads "
+                                 "folder)")
         self.backbone, self.text_encoder, self.heads, self.residual = backbone, text_encoder, heads, residual
         self.heads_folder = source  # where the heads came from (reports hash their weights)
+
+    def residual_head(self, modality: str) -> TrainedResidualHead:
+        """The residual head that refines a ``modality`` case: its own, or the seen categories' head."""
+        return self.modality_heads.get(modality.upper(), self.residual)
 
     @classmethod
     def from_pretrained(cls, heads: str | Path = "default", model: str | Path = "default", *, device="auto"):
@@ -97,7 +105,8 @@ class DiffuGTSPipeline:
         folder = heads_folder(heads)
         backbone = load_backbone(model, device=device)
         text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder, device=device)
-        return cls(backbone, text_encoder, TrainedHeads.load(folder), TrainedResidualHead.load(folder), source=folder)
+        return cls(backbone, text_encoder, TrainedHeads.load(folder), TrainedResidualHead.load(folder),
+                   modality_heads=load_modality_heads(folder), source=folder)
 
     def weights_sha256(self) -> dict[str, str]:
         """sha256 of every weight file behind the pipeline: the foundation model's and the heads'."""
@@ -150,7 +159,8 @@ class DiffuGTSPipeline:
             raise InputError(f"method must be 'head' (residual head) or 'fusion' (training-free), not {method!r}")
         timings: dict[str, float] = {}
         region = phantoms.CATEGORY_REGION.get(organ, "abdomen")
-        config = self.residual.config
+        residual_head = self.residual_head(modality)
+        config = residual_head.config
         with _timed(timings, "aova"):
             aova = run_aova(self.heads, self.backbone, self.text_encoder, image, modality, organ, prompt=prompt)
         with _timed(timings, "detection"):
@@ -163,17 +173,18 @@ class DiffuGTSPipeline:
         with _timed(timings, "residuals"):
             residuals = residuals_of(self.backbone, image, modality, roi, healthy, spread)
         with _timed(timings, "residual_head"):
-            probability = refined_probability(self.residual.head, head_inputs(self.backbone, image, modality,
+            probability = refined_probability(residual_head.head, head_inputs(self.backbone, image, modality,
                                                                               residuals, aova.anomaly), roi)
             fusion = fusion_map(residuals)
         with _timed(timings, "postprocess"):
-            thresholds = self.residual.thresholds
+            thresholds = residual_head.thresholds
             score, threshold = (probability, thresholds.head) if method == "head" else (fusion, thresholds.fusion)
             refined = final_mask(score, threshold, roi, config.min_voxels)
         return SegmentationResult(
             mask=refined, affine=np.diag([*spacing, 1.0]), organ=organ, prompt=prompt, image=image, aova=aova,
             detection=detection, residuals=residuals, probability=probability, fusion=fusion, refined=refined,
-            thresholds={"detection": vars(self.heads.thresholds), "refinement": vars(thresholds), "method": method},
+            thresholds={"detection": vars(self.heads.thresholds), "refinement": vars(thresholds), "method": method,
+                        "residual_head": residual_head.stem(residual_head.modality)},
             seeds=seeds, timings=timings)
 
 
@@ -199,8 +210,9 @@ def evaluate_refinement(pipeline: DiffuGTSPipeline, *, test_per_category: int = 
     for case in tqdm(cases, desc=f"refinement {heads.setting}", disable=not progress):
         result = pipeline.segment_grid(case.image, case.spacing, CATEGORY_ORGAN[case.category], modality=case.modality)
         tumor = case.tumor > 0
-        fusion = final_mask(result.fusion, pipeline.residual.thresholds.fusion, result.residuals.roi,
-                            pipeline.residual.config.min_voxels)
+        residual_head = pipeline.residual_head(case.modality)
+        fusion = final_mask(result.fusion, residual_head.thresholds.fusion, result.residuals.roi,
+                            residual_head.config.min_voxels)
         covered = tumor & result.residuals.roi
         organ = case.organ_mask(case.category) & ~tumor
         row = {"case": case.case_id, "category": case.category,
@@ -217,9 +229,10 @@ def evaluate_refinement(pipeline: DiffuGTSPipeline, *, test_per_category: int = 
         mine = [r for r in per_case if r["category"] == category]
         if not mine:
             continue
+        modality = phantoms.REGION_MODALITY[phantoms.CATEGORY_REGION.get(category, "abdomen")]
         row = {"setting": heads.setting, "category": category, "role": role, "cases": len(mine),
                "thresholds": {"detection": heads.thresholds.provenance,
-                              "refinement": pipeline.residual.thresholds.provenance}}
+                              "refinement": pipeline.residual_head(modality).thresholds.provenance}}
         for key in mine[0]:
             if key not in ("case", "category"):
                 row[key] = float(np.nanmean([r[key] for r in mine])) if any(np.isfinite(r[key]) for r in mine) \

@@ -4,7 +4,10 @@
 - Feature residual R_f = sum over the frozen encoder's three stages of upsample(1 - cos(F_l(I), F_l(H))).
 - Residual head: a small convolutional network on [I, H, R_p (signed, smoothed), R_f, S] that outputs refined tumor
   logits inside the region of interest (the enlarged coarse mask). Trained with Dice + BCE on the seen categories of a
-  setting only; its threshold comes from the setting's validation split.
+  setting only; its threshold comes from the setting's validation split. A modality no seen category is in (MRI brain,
+  in every setting) gets a head of its own, trained on healthy cases of that modality with synthetic anomalies and
+  thresholded on synthetic anomalies in healthy validation cases: one small head shared across modalities traded CT
+  accuracy for MRI accuracy (docs/refinement_findings.md section 6).
 - Training-free fusion (the baseline kept beside it): R_p and R_f, each divided by its 99th percentile inside the
   region of interest, averaged, thresholded.
 
@@ -50,19 +53,27 @@ class ResidualConfig:
     lr: float = 2e-3
     channels: int = 16
     synthetic_anomalies: int = 1  # per training case (the AOVA heads' recipe; no tumor category)
-    # healthy cases added per region that no seen category lies in (MRI brain, in every setting), with
-    # ``lesion_free_anomalies`` synthetic anomalies each: there the head meets no real lesion, and one anomaly in each of
-    # 4 brains put 35 lesion voxels into its training regions (docs/refinement_findings.md section 6). 0: off
-    lesion_free_healthy: int = 0
-    lesion_free_anomalies: int = 3
+    # the head of a modality no seen category is in: healthy refine-split cases per region of that modality, with
+    # ``modality_anomalies`` synthetic anomalies each (one anomaly in each of 4 brains gave the shared head 35 MRI
+    # lesion voxels to learn from), and healthy validation cases per region for its thresholds. 0 cases: no such head,
+    # the one head serves every modality
+    modality_healthy: int = 16
+    modality_anomalies: int = 3
+    modality_validation: int = 6
     min_voxels: int = 10  # smaller components of the final mask are dropped
     seed: int = 0
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ResidualConfig":
-        # heads saved before lesion-free cases existed were trained without them
-        return cls(**{"lesion_free_healthy": 0, **data, "inpaint": InpaintConfig(**data["inpaint"])})
+        data = dict(data)
+        if data.pop("lesion_free_healthy", 0):  # an experiment of 2026-11, superseded by a head per modality
+            raise InputError("this residual head was trained with healthy cases of other modalities mixed in "
+                             "(lesion_free_healthy), which a head per modality replaced; train it again with "
+                             "`diffugts train-heads --residual-only`")
+        data.pop("lesion_free_anomalies", None)
+        # keys missing from files saved before they existed take their defaults
+        return cls(**{**data, "inpaint": InpaintConfig(**data["inpaint"])})
 
 
 @dataclass(frozen=True)
@@ -108,28 +119,46 @@ class TrainedResidualHead:
     thresholds: RefinementThresholds
     config: ResidualConfig
     setting: str
+    modality: str | None = None  # None: the head of the seen categories, which serves every modality without its own
+
+    @staticmethod
+    def stem(modality: str | None) -> str:
+        """File name stem: residual (the seen categories' head), residual_mri (the MRI head)."""
+        return "residual" if modality is None else f"residual_{modality.lower()}"
 
     def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
+        folder, stem = Path(folder), self.stem(self.modality)
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / "residual.safetensors", suffix=".safetensors") as tmp:
+        with atomic_path(folder / f"{stem}.safetensors", suffix=".safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp))
-        meta = {"setting": self.setting, "inputs": list(INPUTS), "thresholds": asdict(self.thresholds),
-                "config": asdict(self.config), "parameters": self.head.parameter_count}
-        write_text_atomic(folder / "residual.json", json.dumps(meta, indent=2) + "\n")
+        meta = {"setting": self.setting, **({"modality": self.modality} if self.modality else {}),
+                "inputs": list(INPUTS), "thresholds": asdict(self.thresholds), "config": asdict(self.config),
+                "parameters": self.head.parameter_count}
+        write_text_atomic(folder / f"{stem}.json", json.dumps(meta, indent=2) + "\n")
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "TrainedResidualHead":
-        folder = Path(folder)
-        if not (folder / "residual.json").is_file():
-            raise InputError(f"{folder}: no residual.json; train the residual head with `diffugts train-heads` "
+    def load(cls, folder: str | Path, modality: str | None = None) -> "TrainedResidualHead":
+        folder, stem = Path(folder), cls.stem(modality)
+        if not (folder / f"{stem}.json").is_file():
+            raise InputError(f"{folder}: no {stem}.json; train the residual head with `diffugts train-heads` "
                              "(it writes it beside heads.json)")
-        meta = json.loads((folder / "residual.json").read_text())
+        meta = json.loads((folder / f"{stem}.json").read_text())
         config = ResidualConfig.from_dict(meta["config"])
         head = ResidualHead(config.channels)
-        head.load_state_dict(load_file(folder / "residual.safetensors"))
-        return cls(head.eval(), RefinementThresholds(**meta["thresholds"]), config, meta["setting"])
+        head.load_state_dict(load_file(folder / f"{stem}.safetensors"))
+        return cls(head.eval(), RefinementThresholds(**meta["thresholds"]), config, meta["setting"], modality)
+
+
+def load_modality_heads(folder: str | Path) -> dict[str, TrainedResidualHead]:
+    """The heads of single modalities in a `train-heads` folder (residual_<modality>.json), by modality; none in
+    folders trained before they existed, where the one head serves every modality."""
+    heads = {}
+    for path in sorted(Path(folder).glob("residual_*.json")):
+        modality = json.loads(path.read_text()).get("modality")
+        if modality:
+            heads[modality] = TrainedResidualHead.load(folder, modality)
+    return heads
 
 
 # ---- residuals ---------------------------------------------------------------------------------
@@ -311,41 +340,76 @@ def train_residual_head(heads: TrainedHeads, backbone, text_encoder, config: Res
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     cases = list(split_cases(heads.setting, "refine", heads.config, shape))
-    first_added = len(cases)
-    cases += lesion_free_cases(heads, config, shape)
     leaked = {c.category for c in cases} - {"healthy", *heads.seen}
     if leaked:  # the data loader itself is checked, not the convention
         raise RuntimeError(f"categories {sorted(leaked)} are not seen in {heads.setting} but reached its training set")
-    examples = []
-    for index, case in enumerate(tqdm(cases, desc="residual data", disable=not progress)):
-        image, lesion = case.image, case.tumor > 0
-        anomalies = config.lesion_free_anomalies if index >= first_added else config.synthetic_anomalies
-        for _ in range(anomalies):
-            image, blob, _ = insert_synthetic_anomaly(image, case.organs, case.modality, case.spacing, rng)
-            lesion = lesion | blob
-        organ = CATEGORY_ORGAN[case.category] if case.category != "healthy" else REGION_ORGAN[case.region]
-        aova = run_aova(heads, backbone, text_encoder, image, case.modality, organ)
-        detection = find_regions(heads, aova, heads.thresholds)
-        roi = coarse_roi(detection, case.spacing, config.margin_mm)
-        residuals = compute_residuals(backbone, text_encoder, image, case.modality, case.region, organ, roi,
-                                      config.inpaint, cache=cache)
-        examples.append(_Example(head_inputs(backbone, image, case.modality, residuals, aova.anomaly), lesion, roi))
+    examples = [_example(heads, backbone, text_encoder, case, config, config.synthetic_anomalies, rng, cache)[0]
+                for case in tqdm(cases, desc="residual data", disable=not progress)]
     head = ResidualHead(config.channels)
     _fit_head(head, examples, config, rng, progress)
     trained = TrainedResidualHead(head.eval(), RefinementThresholds(), config, heads.setting)
     validation = [c for c in split_cases(heads.setting, "validation", heads.config, shape) if c.category != "healthy"]
-    trained.thresholds = choose_refinement_thresholds(trained, heads, backbone, text_encoder, validation, cache=cache)
+    maps = [_example(heads, backbone, text_encoder, case, config, 0, rng, cache) for case in validation]
+    trained.thresholds = choose_refinement_thresholds(
+        trained, maps, f"validation split of seen categories (seed {SEEDS['validation']}, {len(maps)} tumor cases)")
     return trained
 
 
-def lesion_free_cases(heads: TrainedHeads, config: ResidualConfig, shape=phantoms.DEFAULT_SHAPE) -> list:
-    """``config.lesion_free_healthy`` more healthy refine-split cases of each region no seen category lies in (the
-    indices after the split's own)."""
-    seen_regions = {phantoms.CATEGORY_REGION.get(c, "abdomen") for c in heads.seen}
-    first = heads.config.healthy_per_region
-    return [phantoms.generate_case("healthy", index, SEEDS["refine"], shape, region=region)
-            for region in ("abdomen", "thorax", "brain") if region not in seen_regions
-            for index in range(first, first + config.lesion_free_healthy)]
+def modality_regions(heads: TrainedHeads) -> dict[str, tuple[str, ...]]:
+    """The regions of every modality no seen category of ``heads`` is in (MRI: the brain, in every setting)."""
+    seen = {phantoms.REGION_MODALITY[phantoms.CATEGORY_REGION.get(c, "abdomen")] for c in heads.seen}
+    return {modality: tuple(r for r, m in phantoms.REGION_MODALITY.items() if m == modality)
+            for modality in sorted(set(phantoms.REGION_MODALITY.values()) - seen)}
+
+
+def modality_cases(heads: TrainedHeads, modality: str, split: str, count: int, shape=phantoms.DEFAULT_SHAPE) -> list:
+    """``count`` healthy cases of ``split`` in each region of ``modality``."""
+    return [phantoms.generate_case("healthy", index, SEEDS[split], shape, region=region)
+            for region in modality_regions(heads)[modality] for index in range(count)]
+
+
+def train_modality_heads(heads: TrainedHeads, backbone, text_encoder, config: ResidualConfig = ResidualConfig(), *,
+                         cache: Path | None = None, progress: bool = True,
+                         shape=phantoms.DEFAULT_SHAPE) -> list[TrainedResidualHead]:
+    """A residual head for each modality no seen category is in, trained on healthy refine-split cases of it with
+    synthetic anomalies, and thresholded on synthetic anomalies in healthy validation cases: no tumor of any category
+    reaches it, so it is zero-shot for every category of that modality. None when ``config.modality_healthy`` is 0."""
+    trained = []
+    for modality in modality_regions(heads) if config.modality_healthy else ():
+        torch.manual_seed(config.seed)
+        rng = np.random.default_rng(config.seed)
+        cases = modality_cases(heads, modality, "refine", config.modality_healthy, shape)
+        examples = [_example(heads, backbone, text_encoder, case, config, config.modality_anomalies, rng, cache)[0]
+                    for case in tqdm(cases, desc=f"residual data ({modality})", disable=not progress)]
+        head = ResidualHead(config.channels)
+        _fit_head(head, examples, config, rng, progress)
+        result = TrainedResidualHead(head.eval(), RefinementThresholds(), config, heads.setting, modality)
+        validation_rng = np.random.default_rng(SEEDS["validation"])  # the same validation anomalies for every head
+        validation = modality_cases(heads, modality, "validation", config.modality_validation, shape)
+        maps = [_example(heads, backbone, text_encoder, case, config, 1, validation_rng, cache) for case in validation]
+        result.thresholds = choose_refinement_thresholds(
+            result, maps, f"synthetic anomalies in healthy {modality} validation cases (seed {SEEDS['validation']}, "
+                          f"{len(maps)} cases)")
+        trained.append(result)
+    return trained
+
+
+def _example(heads: TrainedHeads, backbone, text_encoder, case, config: ResidualConfig, anomalies: int, rng,
+             cache: Path | None) -> tuple[_Example, np.ndarray]:
+    """One case with ``anomalies`` synthetic anomalies inserted, as the pipeline sees it: the residual head's inputs,
+    the lesion (tumor and anomalies), the region of interest; and the training-free fusion map."""
+    image, lesion = case.image, case.tumor > 0
+    for _ in range(anomalies):
+        image, blob, _ = insert_synthetic_anomaly(image, case.organs, case.modality, case.spacing, rng)
+        lesion = lesion | blob
+    organ = CATEGORY_ORGAN[case.category] if case.category != "healthy" else REGION_ORGAN[case.region]
+    aova = run_aova(heads, backbone, text_encoder, image, case.modality, organ)
+    detection = find_regions(heads, aova, heads.thresholds)
+    roi = coarse_roi(detection, case.spacing, config.margin_mm)
+    residuals = compute_residuals(backbone, text_encoder, image, case.modality, case.region, organ, roi,
+                                  config.inpaint, cache=cache)
+    inputs = head_inputs(backbone, image, case.modality, residuals, aova.anomaly)
+    return _Example(inputs, lesion, roi), fusion_map(residuals)
 
 
 def _fit_head(head: ResidualHead, examples: list[_Example], config: ResidualConfig, rng, progress: bool) -> None:
@@ -392,28 +456,19 @@ def _dice_bce(logits, target, roi):
     return bce + dice_loss
 
 
-def choose_refinement_thresholds(trained: TrainedResidualHead, heads: TrainedHeads, backbone, text_encoder, cases, *,
-                                 cache: Path | None = None) -> RefinementThresholds:
-    """Grid search of the head's and the fusion's thresholds for the best mean DSC on validation tumor cases."""
-    maps = []
-    for case in cases:
-        organ = CATEGORY_ORGAN[case.category]
-        aova = run_aova(heads, backbone, text_encoder, case.image, case.modality, organ)
-        detection = find_regions(heads, aova, heads.thresholds)
-        roi = coarse_roi(detection, case.spacing, trained.config.margin_mm)
-        residuals = compute_residuals(backbone, text_encoder, case.image, case.modality, case.region, organ, roi,
-                                      trained.config.inpaint, cache=cache)
-        inputs = head_inputs(backbone, case.image, case.modality, residuals, aova.anomaly)
-        maps.append((case.tumor > 0, roi, refined_probability(trained.head, inputs, roi), fusion_map(residuals)))
+def choose_refinement_thresholds(trained: TrainedResidualHead, maps: list[tuple[_Example, np.ndarray]],
+                                 source: str) -> RefinementThresholds:
+    """Grid search of the head's and the fusion's thresholds for the best mean DSC on validation examples (the
+    examples and fusion maps of ``_example``; ``source`` says which cases they are)."""
+    scores = [(example.target, example.roi, refined_probability(trained.head, example.inputs, example.roi), fusion)
+              for example, fusion in maps]
     grid = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     chosen = {}
     for name, index in (("head", 2), ("fusion", 3)):
-        scores = {t: np.mean([dice(final_mask(m[index], t, m[1], trained.config.min_voxels), m[0]) for m in maps])
-                  for t in grid}
-        best = max(grid, key=lambda t: scores[t])
-        chosen[name] = (best, scores[best])
+        means = {t: np.mean([dice(final_mask(m[index], t, m[1], trained.config.min_voxels), m[0]) for m in scores])
+                 for t in grid}
+        best = max(grid, key=lambda t: means[t])
+        chosen[name] = (best, means[best])
     return RefinementThresholds(
         head=chosen["head"][0], fusion=chosen["fusion"][0],
-        provenance=f"validation split of seen categories (seed {SEEDS['validation']}, {len(cases)} tumor cases): "
-                   f"mean DSC {chosen['head'][1]:.3f} (head), {chosen['fusion'][1]:.3f} (fusion)")
-
+        provenance=f"{source}: mean DSC {chosen['head'][1]:.3f} (head), {chosen['fusion'][1]:.3f} (fusion)")

@@ -167,7 +167,7 @@ def test_train_heads_residual_only_needs_heads_of_the_setting(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heads.json", "heads.safetensors"]  # nothing written
 
 
-def test_train_heads_refuses_a_negative_count_of_lesion_free_cases(tmp_path, capsys):
-    assert main(["train-heads", "--setting", "ct-mri", "--out", str(tmp_path / "h"), "--lesion-free-healthy", "-1"]) == 2
-    assert "--lesion-free-healthy must be 0 or more" in capsys.readouterr().err
+def test_train_heads_refuses_a_negative_count_of_modality_head_cases(tmp_path, capsys):
+    assert main(["train-heads", "--setting", "ct-mri", "--out", str(tmp_path / "h"), "--modality-healthy", "-1"]) == 2
+    assert "--modality-healthy must be 0 or more" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()

@@ -127,6 +127,48 @@ def test_shipped_residual_head_is_of_the_shipped_setting_and_validated():
     assert trained.thresholds.provenance.startswith("validation split of seen categories")
 
 
+def test_mri_cases_get_the_mri_head_and_a_folder_without_one_serves_them_with_its_one_head(tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from diffugts_core.benchmark import pipeline_thresholds
+    from diffugts_core.heads import TrainedHeads, heads_folder
+    from diffugts_core.io import InputError
+    from diffugts_core.residual import load_modality_heads
+
+    shipped = heads_folder("default")
+    heads, residual, modality_heads = (TrainedHeads.load(shipped), TrainedResidualHead.load(shipped),
+                                       load_modality_heads(shipped))
+    pipeline = DiffuGTSPipeline(None, None, heads, residual, modality_heads=modality_heads)
+    assert pipeline.residual_head("mri") is modality_heads["MRI"] and pipeline.residual_head("CT") is residual
+    assert modality_heads["MRI"].thresholds.provenance.startswith("synthetic anomalies in healthy MRI validation")
+    reported = pipeline_thresholds(pipeline)  # what results.json says about them
+    assert set(reported) == {"detection", "refinement", "refinement_mri"}
+    assert reported["refinement_mri"]["head"] == modality_heads["MRI"].thresholds.head
+    assert reported["refinement_mri"]["used_by"][0] == "full, on MRI cases"
+    old = tmp_path / "old"
+    shutil.copytree(shipped, old, ignore=shutil.ignore_patterns("residual_*"))
+    assert load_modality_heads(old) == {}
+    single = DiffuGTSPipeline(None, None, TrainedHeads.load(old), TrainedResidualHead.load(old),
+                              modality_heads=load_modality_heads(old))
+    assert single.residual_head("MRI") is single.residual
+    with pytest.raises(InputError, match="trained for loo-liver"):
+        DiffuGTSPipeline(None, None, heads, residual,
+                         modality_heads={"MRI": replace(modality_heads["MRI"], setting="loo-liver")})
+
+
+def test_shipped_pipeline_segments_an_mri_brain_tumor_with_the_mri_head(pipeline):
+    case = phantoms.generate_case("brain", 1, 3000)  # test seed; no setting sees brain tumors
+    result = pipeline.segment_grid(case.image, case.spacing, "brain", modality="MRI")
+    tumor = case.tumor > 0
+    assert result.thresholds["residual_head"] == "residual_mri"
+    assert result.thresholds["refinement"] == vars(pipeline.modality_heads["MRI"].thresholds)
+    # brain test cases 0-5 score DSC 0.14, 0.13, 0.04, 0.10, 0.01, 0.03 with the shipped heads: case 1 is typical of
+    # the better half, where the mask is mostly on the tumor
+    assert dice(result.refined, tumor) > 0.1, dice(result.refined, tumor)
+    assert (result.refined & tumor).sum() / result.refined.sum() > 0.5  # mostly on the tumor
+
+
 def test_evaluate_refinement_reports_every_unseen_category_and_the_pseudo_healthy_hu(tmp_path, capsys):
     assert main(["evaluate-refinement", "--test-per-category", "1", "--json", str(tmp_path / "r.json"),
                  "--no-progress"]) == 0

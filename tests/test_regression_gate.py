@@ -13,9 +13,9 @@ from diffugts_core import heads as heads_module
 from diffugts_core import phantoms
 from diffugts_core import residual as residual_module
 from diffugts_core.benchmark import (METHODS, ZeroShotConfig, add_supervised_upper_bound, benchmark_settings,
-                                     combine_settings, format_table, gate_failures, pipeline_thresholds, regression_metrics,
-                                     reusable_results, setting_pipeline, supervised_setting, write_benchmark,
-                                     zero_shot_benchmark)
+                                     combine_settings, evaluated_modalities, format_table, gate_failures,
+                                     pipeline_thresholds, regression_metrics, reusable_results, setting_pipeline,
+                                     supervised_setting, write_benchmark, zero_shot_benchmark)
 from diffugts_core.cli import main
 from diffugts_core.heads import SEEDS, role_categories
 from diffugts_core.residual import ResidualConfig, TrainedResidualHead
@@ -159,23 +159,30 @@ def test_seen_unseen_keeps_the_shipped_heads_when_the_cache_has_none_of_its_own(
 
 
 def test_a_cached_residual_head_of_another_configuration_is_trained_again(tmp_path, monkeypatch):
+    shipped = ROOT / "models" / "aova_heads" / "seen_unseen"
     folder = tmp_path / "heads" / "seen-unseen"
-    shutil.copytree(ROOT / "models" / "aova_heads" / "seen_unseen", folder)
+    shutil.copytree(shipped, folder, ignore=shutil.ignore_patterns("residual_mri.*"))
     trained = []
 
     def train_residual_head(heads, *args, **kwargs):
         trained.append(heads.setting)
-        return TrainedResidualHead.load(ROOT / "models" / "aova_heads" / "seen_unseen")
+        return TrainedResidualHead.load(shipped)
 
     monkeypatch.setattr(heads_module, "train_heads", lambda *a, **k: pytest.fail("the cached AOVA heads match"))
     monkeypatch.setattr(residual_module, "train_residual_head", train_residual_head)
+    monkeypatch.setattr(residual_module, "train_modality_heads", lambda *a, **k: pytest.fail("no MRI test cases here"))
     setting_pipeline("seen-unseen", tmp_path / "heads")
-    assert trained == []  # trained with the defaults: reused
+    assert trained == []  # trained with the defaults: reused (and no MRI head for a CT-only benchmark)
     meta = json.loads((folder / "residual.json").read_text())
     meta["config"]["steps"] += 1
     (folder / "residual.json").write_text(json.dumps(meta))
     pipeline = setting_pipeline("seen-unseen", tmp_path / "heads")
     assert trained == ["seen-unseen"] and pipeline.residual.config == ResidualConfig()
+
+
+def test_only_a_setting_with_mri_test_cases_needs_the_mri_head():
+    assert evaluated_modalities("ct-mri") == {"MRI"}
+    assert evaluated_modalities("seen-unseen") == evaluated_modalities("loo-liver") == {"CT"}
 
 
 def _run(category: str, full: float, supervised: float | None = None) -> dict:

@@ -10,6 +10,7 @@ from diffugts_core import phantoms
 from diffugts_core import residual as residual_module
 from diffugts_core.detect import Detection, Region
 from diffugts_core.inpaint import InpaintConfig, inpaint_slices, lesion_windows
+from diffugts_core.io import InputError
 from diffugts_core.residual import (
     ResidualConfig,
     ResidualHead,
@@ -210,30 +211,56 @@ def test_train_residual_head_on_a_small_refine_split_validates_its_thresholds(tm
     assert TrainedResidualHead.load(tmp_path / "heads").thresholds == trained.thresholds
 
 
-def test_lesion_free_cases_are_new_healthy_cases_of_the_regions_no_seen_category_lies_in():
-    from diffugts_core.heads import SEEDS, HeadsConfig
+def _heads_of(setting, seen):
+    from diffugts_core.heads import HeadsConfig
 
-    def heads_of(setting, seen):
-        return type("Heads", (), {"setting": setting, "seen": seen, "config": HeadsConfig(healthy_per_region=4)})()
+    return type("Heads", (), {"setting": setting, "seen": seen, "config": HeadsConfig(healthy_per_region=4)})()
+
+
+def test_a_modality_no_seen_category_is_in_gets_its_own_head_on_healthy_cases_only():
+    from diffugts_core.heads import SEEDS
 
     shape = (32, 32, 16)
-    assert residual_module.lesion_free_cases(heads_of("ct-mri", phantoms.CT_CATEGORIES), ResidualConfig(), shape) == []
-    config = ResidualConfig(lesion_free_healthy=2)
-    ct_mri = residual_module.lesion_free_cases(heads_of("ct-mri", phantoms.CT_CATEGORIES), config, shape)
-    assert [(c.category, c.region, c.modality) for c in ct_mri] == [("healthy", "brain", "MRI")] * 2
-    # the refine split's own healthy cases are indices 0-3: these are others, of the same seed
-    own = phantoms.generate_case("healthy", 3, SEEDS["refine"], shape, region="brain")
-    assert ct_mri[0].case_id != own.case_id and not np.array_equal(ct_mri[0].image, own.image)
-    assert np.array_equal(ct_mri[0].image, phantoms.generate_case("healthy", 4, SEEDS["refine"], shape,
-                                                                  region="brain").image)
-    no_lung = tuple(c for c in phantoms.CT_CATEGORIES if c != "lung")  # loo-lung: the thorax holds no seen category
-    regions = [c.region for c in residual_module.lesion_free_cases(heads_of("loo-lung", no_lung), config, shape)]
-    assert regions == ["thorax", "thorax", "brain", "brain"]
-    assert all(c.tumor.sum() == 0 for c in ct_mri)
+    ct_mri = _heads_of("ct-mri", phantoms.CT_CATEGORIES)
+    assert residual_module.modality_regions(ct_mri) == {"MRI": ("brain",)}
+    assert residual_module.modality_regions(_heads_of("upper-bound", (*phantoms.CT_CATEGORIES, "brain"))) == {}
+    cases = residual_module.modality_cases(ct_mri, "MRI", "refine", 2, shape)
+    assert [(c.category, c.region, c.modality) for c in cases] == [("healthy", "brain", "MRI")] * 2
+    assert all(c.tumor.sum() == 0 for c in cases)  # no tumor of any category reaches the MRI head
+    assert np.array_equal(cases[1].image, phantoms.generate_case("healthy", 1, SEEDS["refine"], shape,
+                                                                 region="brain").image)
+    validation = residual_module.modality_cases(ct_mri, "MRI", "validation", 1, shape)[0]
+    assert not np.array_equal(validation.image, cases[0].image)  # another seed: validation is not training
+    assert residual_module.train_modality_heads(ct_mri, None, None, ResidualConfig(modality_healthy=0),
+                                                progress=False) == []
 
 
-def test_a_residual_head_saved_before_lesion_free_cases_existed_loads_as_trained_without_them():
-    saved = asdict(ResidualConfig(lesion_free_healthy=5))
-    del saved["lesion_free_healthy"]
-    assert ResidualConfig.from_dict(saved).lesion_free_healthy == 0
-    assert ResidualConfig.from_dict(asdict(ResidualConfig(lesion_free_healthy=5))).lesion_free_healthy == 5
+def test_train_modality_heads_writes_an_mri_head_thresholded_on_synthetic_anomalies(tmp_path):
+    from diffugts_core.backbone import load_backbone
+    from diffugts_core.heads import load_heads
+    from diffugts_core.text import TextEncoder
+
+    heads = load_heads()
+    backbone, text_encoder = load_backbone(device="cpu"), TextEncoder.from_pretrained(device="cpu")
+    config = ResidualConfig(steps=5, modality_healthy=1, modality_validation=1, inpaint=InpaintConfig(steps=3))
+    (trained,) = residual_module.train_modality_heads(heads, backbone, text_encoder, config, progress=False,
+                                                      shape=(128, 128, 16))
+    assert (trained.modality, trained.setting, trained.config) == ("MRI", "seen-unseen", config)
+    assert trained.thresholds.provenance.startswith(
+        "synthetic anomalies in healthy MRI validation cases (seed 2001, 1 cases): mean DSC")
+    trained.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["residual_mri.json", "residual_mri.safetensors"]
+    loaded = residual_module.load_modality_heads(tmp_path)
+    assert list(loaded) == ["MRI"] and loaded["MRI"].thresholds == trained.thresholds
+    x = torch.randn(1, 5, 24, 24)
+    assert torch.equal(loaded["MRI"].head(x), trained.head(x))
+
+
+def test_residual_heads_saved_before_modality_heads_existed_still_load():
+    saved = asdict(ResidualConfig())
+    for key in ("modality_healthy", "modality_anomalies", "modality_validation"):
+        del saved[key]
+    assert ResidualConfig.from_dict(saved) == ResidualConfig()  # missing keys: the defaults
+    assert ResidualConfig.from_dict({**saved, "lesion_free_healthy": 0, "lesion_free_anomalies": 3}) == ResidualConfig()
+    with pytest.raises(InputError, match="--residual-only"):  # the superseded experiment is not silently reused
+        ResidualConfig.from_dict({**saved, "lesion_free_healthy": 12})
