@@ -34,5 +34,6 @@ __all__ = [
     "load_heads", "load_image_and_label", "load_manifest", "load_organ_mask", "load_tumor_mask", "load_volume",
     "montage", "normalize_mri", "plan_spatial", "pseudo_healthy", "ResidualConfig", "roc_curve", "run_aova",
     "save_figure", "save_volume", "SegmentationResult", "summarize", "surface_dice", "train_heads",
-    "train_modality_heads", "train_residual_head", "TrainedResidualHead", "window_ct", "ZeroShotConfig", "zero_shot_benchmark",
+    "train_modality_heads", "train_residual_head", "TrainedResidualHead", "window_ct", "ZeroShotConfig",
+    "zero_shot_benchmark",
 ]

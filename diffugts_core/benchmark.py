@@ -464,7 +464,8 @@ def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool =
     """The pipeline with the heads of ``setting``: the `train-heads` folder ``heads_cache/<setting>`` (the same cache
     as `evaluate-aova --heads-cache`), trained there first (AOVA heads, then the residual heads: the MRI head only
     where the setting's test cases are MRI) when it is missing or was trained with another configuration than the
-    defaults; for seen -> unseen, the shipped heads unless that folder exists. The residual heads' pseudo-healthy training images are cached in ``heads_cache/pseudo_healthy``."""
+    defaults; for seen -> unseen, the shipped heads unless that folder exists. The residual heads' pseudo-healthy
+    training images are cached in ``heads_cache/pseudo_healthy``."""
     from .backbone import load_backbone
     from .heads import HeadsConfig, cached_heads, train_heads
     from .pipeline import DiffuGTSPipeline
