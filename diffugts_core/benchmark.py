@@ -501,8 +501,7 @@ def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool =
 
 def evaluated_modalities(setting: str) -> set[str]:
     """The modalities of a setting's unseen (test) categories."""
-    return {phantoms.REGION_MODALITY[phantoms.CATEGORY_REGION.get(category, "abdomen")]
-            for category in role_categories(setting, "unseen")}
+    return {phantoms.category_modality(category) for category in role_categories(setting, "unseen")}
 
 
 def write_benchmark(results: dict, folder: Path) -> list[Path]:

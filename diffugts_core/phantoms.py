@@ -79,6 +79,11 @@ BRAIN_FOV_MM = np.array([192.0, 228.0, 192.0])
 DEFAULT_SHAPE = (128, 128, 64)
 
 
+def category_modality(category: str) -> str:
+    """The modality a tumor category's cases are imaged with (CT, or MRI for brain)."""
+    return REGION_MODALITY[CATEGORY_REGION.get(category, "abdomen")]
+
+
 @dataclass
 class PhantomCase:
     """One generated case: arrays in RAS voxel order plus the affine that places them."""

@@ -229,10 +229,9 @@ def evaluate_refinement(pipeline: DiffuGTSPipeline, *, test_per_category: int = 
         mine = [r for r in per_case if r["category"] == category]
         if not mine:
             continue
-        modality = phantoms.REGION_MODALITY[phantoms.CATEGORY_REGION.get(category, "abdomen")]
+        refinement = pipeline.residual_head(phantoms.category_modality(category)).thresholds
         row = {"setting": heads.setting, "category": category, "role": role, "cases": len(mine),
-               "thresholds": {"detection": heads.thresholds.provenance,
-                              "refinement": pipeline.residual_head(modality).thresholds.provenance}}
+               "thresholds": {"detection": heads.thresholds.provenance, "refinement": refinement.provenance}}
         for key in mine[0]:
             if key not in ("case", "category"):
                 row[key] = float(np.nanmean([r[key] for r in mine])) if any(np.isfinite(r[key]) for r in mine) \

@@ -357,7 +357,7 @@ def train_residual_head(heads: TrainedHeads, backbone, text_encoder, config: Res
 
 def modality_regions(heads: TrainedHeads) -> dict[str, tuple[str, ...]]:
     """The regions of every modality no seen category of ``heads`` is in (MRI: the brain, in every setting)."""
-    seen = {phantoms.REGION_MODALITY[phantoms.CATEGORY_REGION.get(c, "abdomen")] for c in heads.seen}
+    seen = {phantoms.category_modality(category) for category in heads.seen}
     return {modality: tuple(r for r, m in phantoms.REGION_MODALITY.items() if m == modality)
             for modality in sorted(set(phantoms.REGION_MODALITY.values()) - seen)}
 
