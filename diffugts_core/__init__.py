@@ -12,19 +12,43 @@ zero-shot table with its baselines and ablations),
 
 __version__ = "0.1.0"
 
-from .backbone import load_backbone
-from .benchmark import ZeroShotConfig, zero_shot_benchmark
-from .heads import HeadsConfig, TrainedHeads, detect_case, detect_volume, load_heads, run_aova, train_heads
-from .inpaint import InpaintConfig, pseudo_healthy
-from .pipeline import DiffuGTSPipeline, SegmentationResult
-from .residual import ResidualConfig, TrainedResidualHead, train_modality_heads, train_residual_head
-from .io import CaseRecord, InputError, Volume, load_image_and_label, load_volume, save_volume
-from .manifests import list_manifests, load_dataset, load_manifest, load_organ_mask, load_tumor_mask
-from .metrics import detection_auroc, dice, evaluate_folders, evaluate_pair, roc_curve, summarize, surface_dice
-from .phantoms import CATEGORIES, CT_CATEGORIES, ORGAN_LABELS, PhantomCase, generate_case, generate_cohort
-from .preprocess import CT_WINDOWS, SpatialConfig, SpatialPlan, normalize_mri, plan_spatial, window_ct
-from .text import TextEncoder
-from .viz import SliceViewer, case_grid, montage, save_figure
+# what a user calls, by module; loaded on first use so `import diffugts_core` and `diffugts --help` stay light
+_EXPORTS = {
+    **dict.fromkeys(("load_backbone",), "backbone"),
+    **dict.fromkeys(("ZeroShotConfig", "zero_shot_benchmark"), "benchmark"),
+    **dict.fromkeys(("HeadsConfig", "TrainedHeads", "detect_case", "detect_volume", "load_heads", "run_aova",
+                     "train_heads"), "heads"),
+    **dict.fromkeys(("InpaintConfig", "pseudo_healthy"), "inpaint"),
+    **dict.fromkeys(("DiffuGTSPipeline", "SegmentationResult"), "pipeline"),
+    **dict.fromkeys(("ResidualConfig", "TrainedResidualHead", "train_modality_heads", "train_residual_head"), "residual"),
+    **dict.fromkeys(("CaseRecord", "InputError", "Volume", "load_image_and_label", "load_volume", "save_volume"), "io"),
+    **dict.fromkeys(("list_manifests", "load_dataset", "load_manifest", "load_organ_mask", "load_tumor_mask"), "manifests"),
+    **dict.fromkeys(("detection_auroc", "dice", "evaluate_folders", "evaluate_pair", "roc_curve", "summarize",
+                     "surface_dice"), "metrics"),
+    **dict.fromkeys(("CATEGORIES", "CT_CATEGORIES", "ORGAN_LABELS", "PhantomCase", "generate_case",
+                     "generate_cohort"), "phantoms"),
+    **dict.fromkeys(("CT_WINDOWS", "SpatialConfig", "SpatialPlan", "normalize_mri", "plan_spatial", "window_ct"), "preprocess"),
+    **dict.fromkeys(("TextEncoder",), "text"),
+    **dict.fromkeys(("SliceViewer", "case_grid", "montage", "save_figure"), "viz"),
+}
+
+
+def __getattr__(name: str):
+    from importlib import import_module
+    from importlib.util import find_spec
+
+    if name not in _EXPORTS:
+        if not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None:  # a submodule, e.g. dg.phantoms
+            return import_module(f".{name}", __name__)
+        raise AttributeError(f"module 'diffugts_core' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "CATEGORIES", "CT_CATEGORIES", "CT_WINDOWS", "CaseRecord", "DiffuGTSPipeline", "HeadsConfig", "InpaintConfig", "InputError",

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from .io import InputError, write_text_atomic
+from .outputs import OutputPolicy
 
 EXIT_BAD_INPUT = 2
 
@@ -23,11 +28,56 @@ EXIT_BAD_INPUT = 2
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _one_line_warnings(), _exit_on_termination():
+        try:
+            inputs, outputs = args.paths(args)
+            with OutputPolicy(inputs) as policy:  # every output checked before any model loads
+                for kind, path, what in outputs:
+                    getattr(policy, kind)(path, what)
+                return args.run(args) or 0
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+
+@contextmanager
+def _one_line_warnings():
+    """InputWarnings as ``warning: ...`` lines on stderr, like the ``error: ...`` lines."""
+    from .io import InputWarning
+
+    show = warnings.showwarning
+
+    def one_line(message, category, *args, **kwargs):
+        if issubclass(category, InputWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *args, **kwargs)
+
+    warnings.showwarning = one_line
     try:
-        return args.run(args) or 0
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", InputWarning)
+            yield
+    finally:
+        warnings.showwarning = show
+
+
+@contextmanager
+def _exit_on_termination():
+    """SIGTERM and SIGHUP end the run as an exception does, so atomic writes remove their temporary files."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    earlier = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in earlier.items():
+            signal.signal(sig, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DiffuGTS teaching kit: zero-shot tumor segmentation with a frozen foundation diffusion model.",
     )
     parser.add_argument("--version", action="version", version=f"diffugts-core {__version__}")
+    parser.set_defaults(paths=lambda args: ([], []))  # (inputs, outputs) of a command that writes nothing
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="segment a PhantomBench case end to end: mask, report and QC picture",
@@ -50,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=3000, help="PhantomBench seed (default 3000, the test split)")
     demo.add_argument("--shape", type=_shape, default="128,128,64", help="volume shape X,Y,Z (default 128,128,64)")
     demo.add_argument("--no-progress", action="store_true")
-    demo.set_defaults(run=_run_demo)
+    demo.set_defaults(run=_run_demo, paths=lambda args: ([], [("folder", args.out, "output folder")]))
 
     phantoms = sub.add_parser("phantoms", help="generate a PhantomBench cohort (NIfTI + cases.csv)",
                               description="Write DIR/<id>_image.nii.gz, <id>_organs.nii.gz, <id>_tumor.nii.gz for "
@@ -64,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--shape", type=_shape, default="128,128,64", help="volume shape X,Y,Z (default 128,128,64)")
     phantoms.add_argument("--montage", type=Path, help="also write a PNG with one row per case")
     phantoms.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    phantoms.set_defaults(run=_run_phantoms)
+    phantoms.set_defaults(run=_run_phantoms, paths=lambda args: (
+        [], [("folder", args.out, "output folder"), *_optional_file(args.montage, "montage")]))
 
     evaluate = sub.add_parser("evaluate", help="DSC and NSD of predicted vs reference masks (files or folders)",
                               description="Compare a predicted mask with a reference (two NIfTI files), or every "
@@ -75,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ref", type=Path, required=True, help="reference mask file or folder")
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     evaluate.add_argument("--json", type=Path, help="also write the JSON to this file")
-    evaluate.set_defaults(run=_run_evaluate)
+    evaluate.set_defaults(run=_run_evaluate, paths=lambda args: (
+        [args.pred, args.ref], _optional_file(args.json, "JSON report")))
 
     manifests = sub.add_parser("manifests", help="list dataset manifests, or load a dataset through one",
                                description="Without arguments: list the dataset manifests. With NAME: print it. "
@@ -99,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     train.add_argument("--register", metavar="NAME", help="also record every file's sha256 in models/registry.yaml")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    train.set_defaults(run=_run_train_foundation)
+    train.set_defaults(run=_run_train_foundation, paths=lambda args: ([], [("folder", args.out, "model folder")]))
     check = sub.add_parser("check-foundation", help="measure the foundation model on held-out healthy phantoms",
                            description="VAE reconstruction (HU MAE, PSNR), healthy inpainting vs a mean fill, the "
                            "pseudo-healthy test (a -40 HU tumor inpainted back toward its organ; ratio must be <= "
@@ -110,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--samples", type=int, default=2, help="inpainting samples averaged (default 2)")
     check.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1)")
     check.add_argument("--json", type=Path, help="also write the report as JSON")
-    check.set_defaults(run=_run_check_foundation)
+    check.set_defaults(run=_run_check_foundation, paths=lambda args: (
+        _model_inputs(args), _optional_file(args.json, "JSON report")))
     heads = sub.add_parser("train-heads", help="train AOVA adapters, W_q, W_k and the region head for a setting",
                            description="Train the small heads on the seen categories of a zero-shot setting (held-out "
                            "categories never reach the training data): AOVA + region head (heads.json), then the "
@@ -134,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "training and validation cases (default: none)")
     heads.add_argument("--register", metavar="NAME", help="also record every file's sha256 in models/registry.yaml")
     heads.add_argument("--no-progress", action="store_true")
-    heads.set_defaults(run=_run_train_heads)
+    heads.set_defaults(run=_run_train_heads, paths=lambda args: (
+        _model_inputs(args), [("folder", args.out, "heads folder"), *_optional_folder(args.cache, "cache folder")]))
 
     detect = sub.add_parser("detect", help="AOVA anomaly map and region-level detection for one NIfTI volume",
                             description="Run the trained heads (default: the shipped seen -> unseen heads) on a CT or "
@@ -149,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--heads", default="default", help="trained heads folder or registry name (default: shipped)")
     detect.add_argument("--model", default="default", help="foundation model (default: the shipped one)")
     detect.add_argument("-o", "--out", type=Path, required=True, help="output folder")
-    detect.set_defaults(run=_run_detect)
+    detect.set_defaults(run=_run_detect, paths=lambda args: (
+        [args.image, args.organ_mask, *_model_inputs(args)],
+        [("folder", args.out, "output folder"), *(("file", path, role) for role, path in _detect_outputs(args).items())]))
 
     aova = sub.add_parser("evaluate-aova", help="AOVA-only DSC, NSD, detection AUROC per unseen category",
                           description="For each setting: train the heads on its seen categories, then report on its "
@@ -173,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also report, per setting, the same heads on test cases of their *seen* categories: the "
                       "supervised upper bound of the zero-shot figures (ct-mri heads saw every CT category)")
     aova.add_argument("--no-progress", action="store_true")
-    aova.set_defaults(run=_run_evaluate_aova)
+    aova.set_defaults(run=_run_evaluate_aova, paths=lambda args: (
+        _model_inputs(args), [*_optional_file(args.json, "JSON report"),
+                              *_optional_folder(args.heads_cache, "heads cache")]))
 
     segment = sub.add_parser("segment", help="segment tumors in a NIfTI volume, a folder of them or a CSV of cases",
                              description="The whole DiffuGTS pipeline: AOVA maps, region detection, latent inpainting "
@@ -200,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--model", default="default", help="foundation model (default: the shipped one)")
     segment.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     segment.add_argument("--no-progress", action="store_true")
-    segment.set_defaults(run=_run_segment)
+    segment.set_defaults(run=_run_segment, paths=_segment_paths)
 
     refine = sub.add_parser("evaluate-refinement", help="DSC of AOVA-only, fusion and the full method per category",
                             description="Run the pipeline on a setting's unseen test cases (PhantomBench seed 3000) and "
@@ -213,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--upper-bound", action="store_true", help="score the setting's seen categories instead")
     refine.add_argument("--json", type=Path, help="also write categories and cases as JSON")
     refine.add_argument("--no-progress", action="store_true")
-    refine.set_defaults(run=_run_evaluate_refinement)
+    refine.set_defaults(run=_run_evaluate_refinement, paths=lambda args: (
+        _model_inputs(args), _optional_file(args.json, "JSON report")))
 
     bench = sub.add_parser("benchmark", help="speed: per-stage time and peak memory of the default pipeline",
                            description="--speed: segment a 128x128x64 PhantomBench CT case at default settings, print "
@@ -239,8 +299,34 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--windows: validation cases per seen category (default 2)")
     bench.add_argument("--model", default="default", help="--windows: foundation model folder (default: shipped)")
     bench.add_argument("--json", type=Path, help="also write the figures as JSON")
-    bench.set_defaults(run=_run_benchmark)
+    bench.set_defaults(run=_run_benchmark, paths=lambda args: (
+        _model_inputs(args), [*_optional_file(args.json, "JSON report"), *_optional_folder(args.out, "results folder"),
+                              *_optional_folder(args.heads_cache, "heads cache")]))
     return parser
+
+
+def _optional_file(path: Path | None, what: str) -> list:
+    return [("file", path, what)] if path is not None else []
+
+
+def _optional_folder(path: Path | None, what: str) -> list:
+    return [("folder", path, what)] if path is not None else []
+
+
+def _detect_outputs(args) -> dict[str, Path]:
+    stem = args.image.name.removesuffix(".gz").removesuffix(".nii")
+    return {"anomaly map": args.out / f"{stem}_anomaly.nii.gz", "regions": args.out / f"{stem}_regions.nii.gz",
+            "report": args.out / f"{stem}_detection.json", "picture": args.out / f"{stem}_aova.png"}
+
+
+def _is_batch(source: Path) -> bool:
+    return source.is_dir() or source.suffix.lower() == ".csv"
+
+
+def _model_inputs(args) -> list[Path]:
+    """The heads and foundation model folders a command reads, where given as folders: never an output."""
+    return [Path(value) for value in (getattr(args, "heads", None), getattr(args, "model", None))
+            if value not in (None, "default") and Path(value).exists()]
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -268,7 +354,8 @@ def _run_demo(args) -> int:
     from .aova import CATEGORY_ORGAN
     from .io import load_volume
     from .metrics import dice
-    from .pipeline import DiffuGTSPipeline, write_segmentation
+    from .pipeline import DiffuGTSPipeline
+    from .reports import write_segmentation
 
     if args.category not in phantoms.CATEGORIES:
         raise InputError(f"unknown category {args.category!r}; choose from {', '.join(phantoms.CATEGORIES)}")
@@ -433,17 +520,19 @@ def _run_train_heads(args) -> int:
 
 
 def _run_detect(args) -> int:
-    from . import viz
+    from . import plausibility, viz
     from .backbone import load_backbone
     from .backbone.registry import sha256_file
     from .heads import TrainedHeads, detect_volume, heads_folder
     from .io import load_volume, save_volume
-    from .text import TextEncoder, check_prompt
+    from .text import TextEncoder, check_organ, check_prompt
 
     if args.prompt is not None:
-        check_prompt(args.prompt)  # before any model loads
+        args.prompt = check_prompt(args.prompt)  # before any model loads
+    args.organ = check_organ(args.organ)
     start = time.perf_counter()
     volume = load_volume(args.image)
+    doubts = plausibility.emit(plausibility.intensity_warnings(volume.array, args.modality))
     organ_mask = load_volume(args.organ_mask, role="organ mask", dtype=np.uint8) if args.organ_mask else None
     folder = heads_folder(args.heads)
     heads = TrainedHeads.load(folder)
@@ -451,11 +540,12 @@ def _run_detect(args) -> int:
     text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
     result = detect_volume(heads, backbone, text_encoder, volume, args.modality, args.organ, prompt=args.prompt,
                            organ_mask=organ_mask)
+    doubts += plausibility.emit(plausibility.prompt_set_warnings(text_encoder, result.aova.prompt_set, args.organ,
+                                                                 organ_mask_given=organ_mask is not None))
     stem = args.image.name.removesuffix(".gz").removesuffix(".nii")
-    inputs = [p for p in (args.image, args.organ_mask) if p]
-    written = [save_volume(result.anomaly.astype(np.float32), volume.affine, args.out / f"{stem}_anomaly.nii.gz",
-                           protect=inputs),
-               save_volume(result.kept, volume.affine, args.out / f"{stem}_regions.nii.gz", protect=inputs)]
+    paths = _detect_outputs(args)
+    written = [save_volume(result.anomaly.astype(np.float32), volume.affine, paths["anomaly map"]),
+               save_volume(result.kept, volume.affine, paths["regions"])]
     prompt_set = result.aova.prompt_set
     report = {
         "image": str(args.image), "organ": args.organ, "modality": args.modality,
@@ -466,13 +556,14 @@ def _run_detect(args) -> int:
         "case_score": result.detection.case_score,
         "regions": [{"voxels": r.voxels, "mean_s": r.mean_s, "probability": r.probability,
                      "kept": r.probability >= heads.thresholds.region} for r in result.detection.regions],
+        "warnings": doubts,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    written.append(write_text_atomic(args.out / f"{stem}_detection.json", json.dumps(report, indent=2) + "\n"))
+    written.append(write_text_atomic(paths["report"], json.dumps(report, indent=2) + "\n"))
     figure = viz.montage(result.image, modality=args.modality,
                          maps={"S": result.aova.anomaly}, tumor=result.detection.kept,
                          title=f"{stem}: S for {args.organ!r}, kept regions in red")
-    written.append(viz.save_figure(figure, args.out / f"{stem}_aova.png"))
+    written.append(viz.save_figure(figure, paths["picture"]))
     kept = sum(r["kept"] for r in report["regions"])
     print(f"{stem}: {len(report['regions'])} candidate regions, {kept} kept; case score {report['case_score']:.3f}")
     for path in written:
@@ -530,19 +621,37 @@ def _run_evaluate_aova(args) -> int:
     return 0
 
 
+def _segment_paths(args):
+    from .reports import segment_cases
+
+    if _is_batch(args.image) and (args.report or args.png):
+        raise InputError("--report and --png name one file each; in batch mode they are written beside each mask")
+    cases = segment_cases(args.image, organ=args.organ, modality=args.modality, organ_mask=args.organ_mask,
+                          out=args.out)
+    outputs = []
+    for case in cases:
+        outputs.append(("file", case.mask, "mask"))
+        for role, path in case.outputs(report=args.report, png=args.png, intermediates=args.save_intermediates,
+                                       seeds=max(args.seeds, 1)).items():
+            outputs.append(("file", path, {"report": "report", "png": "QC picture"}.get(role, f"{role} map")))
+    return [args.image, args.organ_mask, *_model_inputs(args), *(p for c in cases for p in (c.image, c.organ_mask))], \
+        outputs
+
+
 def _run_segment(args) -> int:
-    from .pipeline import DiffuGTSPipeline, segment_cases
-    from .text import check_prompt
+    from .pipeline import DiffuGTSPipeline
+    from .reports import segment_cases
+    from .text import check_organ, check_prompt
 
     if args.prompt is not None:
-        check_prompt(args.prompt)  # before any model loads
+        args.prompt = check_prompt(args.prompt)  # before any model loads
+    if args.organ is not None:
+        args.organ = check_organ(args.organ)
     if args.seeds < 1:
         raise InputError(f"--seeds must be at least 1, got {args.seeds}")
     cases = segment_cases(args.image, organ=args.organ, modality=args.modality, organ_mask=args.organ_mask,
                           out=args.out)
-    batch = args.image.is_dir() or args.image.suffix.lower() == ".csv"
-    if batch and (args.report or args.png):
-        raise InputError("--report and --png name one file each; in batch mode they are written beside each mask")
+    batch = _is_batch(args.image)
     inputs = None if batch else cases[0].load()  # one case: a bad file fails before any model loads
     pipeline = DiffuGTSPipeline.from_pretrained(args.heads, args.model, device=args.device)
     failed = 0

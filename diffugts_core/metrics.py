@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_roc_auc, compute_surface_dice
 
-from .io import InputError, check_same_grid, is_nifti_path, load_volume
+from .io import InputError, check_same_grid, load_volume, nifti_files
 
 SCORE_BOTH_EMPTY = 1.0
 SCORE_ONE_EMPTY = 0.0
@@ -159,7 +159,7 @@ def _masks_by_case(folder: Path, role: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise InputError(f"{folder}: {role} folder not found; check the path.")
     by_case: dict[str, Path] = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p)):
+    for path in nifti_files(folder):
         case_id = case_id_from_name(path.name)
         if case_id in by_case:
             raise InputError(f"{folder}: {by_case[case_id].name} and {path.name} are both case {case_id!r}; keep one.")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import phantoms
+from . import phantoms, plausibility
 from .aova import CATEGORY_ORGAN
 from .detect import Detection
 from .inpaint import InpaintConfig
@@ -32,9 +32,10 @@ from .heads import AOVAResult, TrainedHeads, find_regions, heads_folder, role_ca
 from .io import InputError, Volume, check_same_grid
 from .metrics import dice, surface_dice
 from .preprocess import SpatialPlan, model_grid_plan
+from .reports import intermediate_names
 from .residual import (Residuals, TrainedResidualHead, coarse_roi, final_mask, fusion_map, head_inputs,
                        inpaint_region, load_modality_heads, refined_probability, residuals_of)
-from .text import check_prompt
+from .text import check_organ, check_prompt
 
 
 @dataclass
@@ -57,17 +58,16 @@ class SegmentationResult:
     seeds: int
     timings: dict[str, float] = field(default_factory=dict)
     plan: SpatialPlan | None = None  # None when the input was already on the processing grid
+    warnings: list[str] = field(default_factory=list)  # what was assumed about a doubtful input (plausibility)
 
     @property
     def intermediates(self) -> dict[str, np.ndarray]:
-        """Every intermediate map by name (processing grid)."""
+        """Every intermediate map by name (processing grid), in the order of :func:`intermediate_names`."""
         maps = {"anomaly": self.aova.anomaly, "organ_probability": self.aova.organ_probability,
                 "regions": self.detection.kept, "roi": self.residuals.roi, "pseudo_healthy": self.residuals.healthy,
                 "pixel_residual": self.residuals.pixel, "feature_residual": self.residuals.feature,
-                "refined_probability": self.probability, "fusion": self.fusion}
-        if self.seeds > 1:
-            maps["uncertainty"] = self.residuals.spread
-        return maps
+                "refined_probability": self.probability, "fusion": self.fusion, "uncertainty": self.residuals.spread}
+        return {name: maps[name] for name in intermediate_names(self.seeds)}
 
     def to_input_grid(self, array: np.ndarray) -> np.ndarray:
         if self.plan is None:
@@ -127,6 +127,7 @@ class DiffuGTSPipeline:
 
         ``method``: "head" (the residual head, the full method) or "fusion" (the training-free baseline)."""
         modality = modality.upper()
+        doubts = plausibility.emit(plausibility.intensity_warnings(volume.array, modality))
         start = time.perf_counter()
         plan = model_grid_plan(volume, modality, self.backbone.config.slice_shape)
         image = plan.apply(volume.array.astype(np.float32), order=1, fill=-1000.0 if modality == "CT" else 0.0)
@@ -141,6 +142,7 @@ class DiffuGTSPipeline:
         result.plan, result.affine = plan, volume.affine
         result.mask = result.to_input_grid(result.refined)
         result.timings = {"preprocess": prepare, **result.timings, "to_input_grid": time.perf_counter() - start}
+        result.warnings = doubts + result.warnings
         return result
 
     @torch.no_grad()
@@ -151,8 +153,9 @@ class DiffuGTSPipeline:
 
         ``inpaint`` replaces the residual head's inpainting settings (ROI windows, steps; ``seeds``/``seed`` still
         apply), as the benchmarks compare them."""
+        organ = check_organ(organ)
         if prompt is not None:
-            check_prompt(prompt)
+            prompt = check_prompt(prompt)
         if seeds < 1:
             raise InputError(f"seeds must be at least 1, got {seeds}")
         if method not in ("head", "fusion"):
@@ -163,6 +166,8 @@ class DiffuGTSPipeline:
         config = residual_head.config
         with _timed(timings, "aova"):
             aova = run_aova(self.heads, self.backbone, self.text_encoder, image, modality, organ, prompt=prompt)
+        doubts = plausibility.emit(plausibility.prompt_set_warnings(self.text_encoder, aova.prompt_set, organ,
+                                                                    organ_mask_given=organ_mask is not None))
         with _timed(timings, "detection"):
             detection = find_regions(self.heads, aova, self.heads.thresholds, organ_mask)
             roi = coarse_roi(detection, spacing, config.margin_mm)
@@ -185,7 +190,7 @@ class DiffuGTSPipeline:
             detection=detection, residuals=residuals, probability=probability, fusion=fusion, refined=refined,
             thresholds={"detection": vars(self.heads.thresholds), "refinement": vars(thresholds), "method": method,
                         "residual_head": residual_head.stem(residual_head.modality)},
-            seeds=seeds, timings=timings)
+            seeds=seeds, timings=timings, warnings=doubts)
 
 
 @contextmanager
@@ -243,146 +248,3 @@ def evaluate_refinement(pipeline: DiffuGTSPipeline, *, test_per_category: int = 
 def _mean_inside(volume: np.ndarray, mask: np.ndarray) -> float:
     """Mean of ``volume`` inside ``mask``; NaN for an empty mask (a tumor the ROI does not reach)."""
     return float(volume[mask].mean()) if mask.any() else float("nan")
-
-
-# ---- outputs ---------------------------------------------------------------------------------------
-
-def segmentation_report(pipeline: DiffuGTSPipeline, result: SegmentationResult, *, image: Path | None = None,
-                        seed: int = 0) -> dict:
-    """What produced a mask: versions, model sha256s, seed, thresholds and their provenance, timings, peak memory."""
-    import importlib.metadata as metadata
-    import resource
-
-    from . import __version__
-
-    spacing = np.abs(np.linalg.det(result.affine[:3, :3]))
-    return {
-        "image": None if image is None else str(image), "organ": result.organ, "prompt": result.prompt,
-        "versions": {"diffugts-core": __version__,
-                     **{name: metadata.version(name) for name in ("torch", "diffusers", "transformers", "numpy")}},
-        "weights_sha256": pipeline.weights_sha256(), "setting": pipeline.heads.setting,
-        "seen": list(pipeline.heads.seen),
-        "seed": seed, "seeds": result.seeds, "thresholds": result.thresholds,
-        "regions": [{"voxels": r.voxels, "mean_s": r.mean_s, "probability": r.probability,
-                     "kept": r.probability >= pipeline.heads.thresholds.region} for r in result.detection.regions],
-        "roi_voxels": int(result.residuals.roi.sum()), "mask_voxels": int(result.mask.sum()),
-        "mask_ml": float(result.mask.sum() * spacing / 1000.0),
-        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-        "total_s": round(sum(result.timings.values()), 3),
-        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "device": str(pipeline.backbone.device),
-    }
-
-
-def write_segmentation(pipeline: DiffuGTSPipeline, result: SegmentationResult, mask_path: Path, *,
-                       image: Path | None = None, report: Path | None = None, png: Path | None = None,
-                       intermediates: Path | None = None, protect=(), seed: int = 0, modality: str = "CT",
-                       truth: np.ndarray | None = None) -> list[Path]:
-    """Write the mask (input grid and affine), the JSON report, a QC picture and, if asked, every intermediate.
-
-    Every file is written atomically; a path among ``protect`` (the inputs) is never overwritten."""
-    import json
-
-    from . import viz
-    from .io import save_volume, write_text_atomic
-
-    stem = mask_path.name.removesuffix(".gz").removesuffix(".nii")
-    written = [save_volume(result.mask, result.affine, mask_path, protect=protect)]
-    if intermediates is not None:
-        for name, array in result.intermediates.items():
-            data = result.to_input_grid(array)
-            written.append(save_volume(data.astype(np.uint8 if data.dtype == bool else np.float32), result.affine,
-                                       intermediates / f"{stem}_{name}.nii.gz", protect=protect))
-    data = segmentation_report(pipeline, result, image=image, seed=seed)
-    report = report or mask_path.with_name(f"{stem}_report.json")
-    written.append(write_text_atomic(report, json.dumps(data, indent=2) + "\n"))
-    png = png or mask_path.with_name(f"{stem}_qc.png")
-    residual = np.abs(result.image - result.residuals.healthy)
-    figure = viz.montage(result.image, modality=modality, tumor=result.refined,
-                         images={"pseudo-healthy": result.residuals.healthy},
-                         maps={"S": result.aova.anomaly, "|I - H| / 200": np.clip(residual / 200, 0, 1),
-                               "refined p": result.probability}, truth=truth,
-                         title=f"{stem}: {result.organ}, mask in red"
-                         + ("; truth in cyan" if truth is not None else ""))
-    written.append(viz.save_figure(figure, png))
-    return written
-
-
-@dataclass
-class SegmentJob:
-    """One case of `diffugts segment`: where its image is, what to look for, where its mask goes."""
-
-    case_id: str
-    image: Path
-    organ: str
-    modality: str
-    mask: Path
-    organ_mask: Path | None = None
-
-    def load(self) -> tuple[Volume, Volume | None]:
-        """The image and organ mask, checked (a bad file raises ``InputError`` naming it)."""
-        from .io import load_volume
-
-        organ_mask = load_volume(self.organ_mask, role="organ mask", dtype=np.uint8) if self.organ_mask else None
-        return load_volume(self.image), organ_mask
-
-    def run(self, pipeline: DiffuGTSPipeline, *, inputs=None, prompt=None, seeds=1, seed=0, method="head", report=None,
-            png=None, intermediates=None, progress=False) -> list[Path]:
-        volume, organ_mask = inputs or self.load()
-        result = pipeline(volume, self.organ, modality=self.modality, prompt=prompt, organ_mask=organ_mask,
-                          seeds=seeds, seed=seed, method=method, progress=progress)
-        return write_segmentation(pipeline, result, self.mask, image=self.image, report=report, png=png,
-                                  intermediates=intermediates, protect=[p for p in (self.image, self.organ_mask) if p],
-                                  seed=seed, modality=self.modality)
-
-
-def segment_cases(source: Path, *, organ: str | None, modality: str = "CT", organ_mask: Path | None = None,
-                  out: Path) -> list[SegmentJob]:
-    """The cases of `diffugts segment`: one NIfTI file, a folder of them, or a CSV (image, organ[, modality,
-    organ_mask, case_id]; relative paths are relative to the CSV's folder)."""
-    import csv
-
-    from .io import is_nifti_path
-
-    source = Path(source)
-    if not source.exists():
-        raise InputError(f"{source}: not found; pass a NIfTI volume (.nii or .nii.gz), a folder of them, "
-                         "or a CSV of cases")
-
-    def stem(path: Path) -> str:
-        return path.name.removesuffix(".gz").removesuffix(".nii")
-
-    def mask_path(case_id: str) -> Path:
-        return Path(out) / f"{case_id}_mask.nii.gz"
-
-    def need_organ(value, where: str) -> str:
-        if not value:
-            raise InputError(f"no organ for {where}; pass --organ (e.g. liver, lung, colon, brain)")
-        return value
-
-    if source.is_file() and source.suffix.lower() == ".csv":
-        with source.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        if not rows or "image" not in rows[0]:
-            raise InputError(f"{source}: a case CSV needs a header with an 'image' column (and 'organ' unless --organ "
-                             "is given); optional: modality, organ_mask, case_id")
-        jobs = []
-        for row in rows:
-            image = source.parent / row["image"]
-            case_id = row.get("case_id") or stem(image)
-            mask = row.get("organ_mask")
-            jobs.append(SegmentJob(case_id, image, need_organ(row.get("organ") or organ, f"{case_id} in {source}"),
-                                   (row.get("modality") or modality).upper(), mask_path(case_id),
-                                   source.parent / mask if mask else None))
-        return jobs
-    if source.is_dir():
-        if organ_mask is not None:
-            raise InputError("--organ-mask names one mask; for a folder of cases use a CSV with an organ_mask column")
-        images = sorted(p for p in source.iterdir() if p.is_file() and is_nifti_path(p))
-        if not images:
-            raise InputError(f"{source}: no .nii or .nii.gz files in this folder")
-        return [SegmentJob(stem(p), p, need_organ(organ, str(source)), modality, mask_path(stem(p))) for p in images]
-    if not is_nifti_path(source):
-        raise InputError(f"{source}: not a NIfTI file (.nii or .nii.gz), a folder or a .csv of cases")
-    single = Path(out) if str(out).endswith((".nii", ".nii.gz")) else mask_path(stem(source))
-    return [SegmentJob(stem(source), source, need_organ(organ, str(source)), modality, single, organ_mask)]

@@ -11,6 +11,8 @@ sentence-transformers pools MiniLM) for the AOVA keys. Embeddings are cached per
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -66,6 +68,14 @@ class TextEncoder:
         model = getattr(model, "text_model", model)  # CLIP-style dual encoders: keep the text tower
         return cls(tokenizer, model, name=str(name_or_path), max_length=max_length, device=device)
 
+    def truncation(self, prompt: str) -> tuple[int, str] | None:
+        """(tokens, the text the encoder reads) when ``prompt`` is longer than ``max_length`` tokens, else None."""
+        ids = self.tokenizer(prompt, truncation=False)["input_ids"]
+        if len(ids) <= self.max_length:
+            return None
+        kept = self.tokenizer(prompt, truncation=True, max_length=self.max_length)["input_ids"]
+        return len(ids), self.tokenizer.decode(kept, skip_special_tokens=True)
+
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
@@ -114,11 +124,29 @@ def load_templates(modality: str) -> PromptTemplates:
                            data["caption"], tuple(data["background"]))
 
 
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")  # ANSI/VT100: colours, cursor moves
+
+
+def clean_text(text: str) -> str:
+    """Terminal escape sequences and control or format characters (bell, zero-width marks) dropped, whitespace
+    collapsed: what reaches a prompt or a report is plain text."""
+    text = _ESCAPE_SEQUENCE.sub("", text)
+    kept = "".join(" " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch)[0] != "C")
+    return " ".join(kept.split())
+
+
 def check_prompt(text: str) -> str:
-    """A free-text prompt as given at run time: stripped, and refused when empty."""
-    if not isinstance(text, str) or not text.strip():
+    """A free-text prompt as given at run time: control characters stripped, and refused when empty."""
+    if not isinstance(text, str) or not clean_text(text):
         raise InputError("the prompt is empty; give a phrase such as 'a CT scan of a spleen with a lesion'")
-    return " ".join(text.split())
+    return clean_text(text)
+
+
+def check_organ(name: str) -> str:
+    """An organ name as given at run time: control characters stripped, and refused when empty."""
+    if not isinstance(name, str) or not clean_text(name):
+        raise InputError("the organ name is empty; pass --organ (e.g. liver, lung, colon, brain)")
+    return clean_text(name)
 
 
 def ensemble_embedding(encoder: TextEncoder, prompts: Sequence[str]) -> torch.Tensor:

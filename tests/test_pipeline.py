@@ -11,7 +11,8 @@ from diffugts_core import phantoms
 from diffugts_core.cli import main
 from diffugts_core.io import load_volume, save_volume
 from diffugts_core.metrics import dice
-from diffugts_core.pipeline import DiffuGTSPipeline, segment_cases
+from diffugts_core.pipeline import DiffuGTSPipeline
+from diffugts_core.reports import segment_cases
 from diffugts_core.residual import TrainedResidualHead
 
 from .test_cli import _write_reoriented

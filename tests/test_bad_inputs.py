@@ -1,0 +1,25 @@
+"""Every case of the bad-input catalogue (tests/bad_input_cases.py): the expected exit code and message, exactly the
+expected files written, every input's sha256 unchanged; and the README's "Bad input" table is the catalogue's."""
+
+import pytest
+
+from tests.bad_input_cases import CASES, readme_table, render_table, run_all
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    return run_all(tmp_path_factory.mktemp("bad_inputs"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_case(outcomes, case):
+    outcome = outcomes[case.name]
+    assert outcome.exit_code == case.exit_code, outcome
+    kind = "error:" if case.exit_code == 2 else "warning:"
+    assert outcome.first_line.startswith(kind) and case.says in outcome.first_line, outcome.first_line
+    assert outcome.written == tuple(sorted(case.writes)), outcome.written
+    assert outcome.inputs_unchanged
+
+
+def test_readme_table_is_the_catalogue(outcomes):
+    assert readme_table() == render_table(outcomes), "run: python -m tests.bad_input_cases --write-readme"
