@@ -299,6 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--windows: validation cases per seen category (default 2)")
     bench.add_argument("--model", default="default", help="--windows: foundation model folder (default: shipped)")
     bench.add_argument("--json", type=Path, help="also write the figures as JSON")
+    gate = sub.add_parser("regression-gate", help="hold a quick benchmark's results against the committed baseline",
+                          description="Compare a quick seen -> unseen benchmark (the regression notebook's "
+                          "results.json) with the baseline: the full method's DSC and NSD per test case, per unseen "
+                          "category and on the mean within the baseline's tolerances, above AOVA-only, the "
+                          "reconstruction baseline and the non-generative fill on the mean, each category above its "
+                          "floor, detection AUROC >= 0.5 where the baseline lists it. Exit code 1 when it fails. "
+                          "--record makes the results the golden ones instead (baseline metrics and results_quick.json "
+                          "beside it) and prints every gated figure that moved.")
+    gate.add_argument("--results", type=Path, required=True, help="results.json of a quick seen -> unseen benchmark")
+    gate.add_argument("--baseline", type=Path, default=Path("notebooks/regression/baseline.json"),
+                      help="baseline file (default: notebooks/regression/baseline.json)")
+    gate.add_argument("--record", action="store_true", help="make --results the golden results (say why in the commit)")
+    gate.set_defaults(run=_run_regression_gate, paths=lambda args: (
+        [args.results], [("file", args.baseline, "baseline"),
+                         ("file", args.baseline.with_name("results_quick.json"), "golden results")]
+        if args.record else []))
+
     bench.set_defaults(run=_run_benchmark, paths=lambda args: (
         _model_inputs(args), [*_optional_file(args.json, "JSON report"), *_optional_folder(args.out, "results folder"),
                               *_optional_folder(args.heads_cache, "heads cache")]))
@@ -758,6 +775,32 @@ def _zero_shot(args) -> int:
     write_text_atomic(args.out / "table.md", "\n".join(tables))
     print(f"wrote {args.out} in {(time.perf_counter() - start) / 60:.1f} min")
     return 0
+
+
+def _run_regression_gate(args) -> int:
+    from .benchmark import gate_failures, record_baseline, regression_metrics
+
+    documents = {}
+    for role, path in (("results", args.results), ("baseline", args.baseline)):
+        try:
+            documents[role] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputError(f"{path}: cannot read the {role} ({error}); pass the JSON a quick benchmark wrote") from None
+    try:
+        metrics = regression_metrics(documents["results"])
+    except KeyError as missing:
+        raise InputError(f"{args.results}: no {missing} in it; pass the results.json of `diffugts benchmark "
+                         "--setting seen-unseen --quick` or of the regression notebook") from None
+    if args.record:
+        moved = record_baseline(args.results, args.baseline)
+        print("\n".join(moved) if moved else "no gated figure moved")
+        print(f"recorded {args.baseline} and {args.baseline.with_name('results_quick.json')}; say why in the commit")
+        return 0
+    failures = gate_failures(metrics, documents["baseline"])
+    for failure in failures:
+        print(f"gate: {failure}")
+    print("gate: pass" if not failures else f"gate: FAIL ({len(failures)} checks)")
+    return 1 if failures else 0
 
 
 def _aova_row(row: dict) -> str:

@@ -23,3 +23,22 @@ def test_case(outcomes, case):
 
 def test_readme_table_is_the_catalogue(outcomes):
     assert readme_table() == render_table(outcomes), "run: python -m tests.bad_input_cases --write-readme"
+
+
+def test_output_paths_are_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    from diffugts_core import phantoms
+    from diffugts_core.cli import main
+    from diffugts_core.io import save_volume
+    from diffugts_core.pipeline import DiffuGTSPipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output paths were checked")
+
+    monkeypatch.setattr(DiffuGTSPipeline, "from_pretrained", no_model)
+    case = phantoms.generate_case("liver", 0, 3000, (32, 32, 16))
+    image = save_volume(case.image, case.affine, tmp_path / "x.nii.gz")
+    for outputs in (["-o", str(image)], ["-o", str(tmp_path / "m.nii.gz"), "--png", str(image)],
+                    ["-o", str(tmp_path / "m.nii.gz"), "--save-intermediates", str(image)]):
+        assert main(["segment", str(image), "--organ", "liver", *outputs]) == 2
+        assert capsys.readouterr().err.startswith("error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.nii.gz"]

@@ -86,7 +86,11 @@ def test_04_anomaly_detection(tmp_path):
     assert summary["setting"] == "seen-unseen"
     assert {r["category"] for r in summary["rows"]} == {"lung", "colon", "hepatic_vessel", "healthy"}
     assert set(summary["auroc"]) == {"lung", "colon", "hepatic_vessel"}
-    assert all(0 <= v <= 1 for v in summary["auroc"].values())
+    # smoke, measured: hepatic vessel AUROC 1.0 (its case scores above both healthy livers), DSC 0.351; lung and
+    # colon 0 (detection does not work there yet). Constant scores would give AUROC 0.5 and fail.
+    assert summary["auroc"]["hepatic_vessel"] > 0.5
+    vessel = next(r for r in summary["rows"] if r["case"] == "hepatic_vessel_000")
+    assert vessel["dsc"] > 0.25 and vessel["kept"] > 0
     assert "validation split" in summary["thresholds"]["provenance"]
 
 
@@ -129,5 +133,12 @@ def test_07_zero_shot_benchmark(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["setting"] == "seen-unseen" and summary["cases"] == 3  # smoke: one case per unseen category
     assert summary["methods"] == list(METHODS)
-    assert set(summary["shown"]) == {"best", "worst"}
-    assert (tmp_path / "results.json").is_file() and (tmp_path / "table.md").is_file()
+    assert summary["shown"] == {"best": "hepatic_vessel_000", "worst": "lung_000"}
+    assert (tmp_path / "table.md").is_file()
+    results = json.loads((tmp_path / "results.json").read_text())
+    # smoke, measured: hepatic_vessel_000 full DSC 0.439; mean full 0.146 against AOVA 0.083, reconstruction 0.038
+    # and the non-generative fill 0.130
+    vessel = next(c for c in results["per_case"] if c["case"] == "hepatic_vessel_000")
+    assert vessel["dsc_full"] > 0.35
+    mean = results["mean_unseen"]
+    assert all(mean["dsc_full"] > mean[f"dsc_{m}"] for m in ("aova", "reconstruction", "nongenerative_fill")), mean

@@ -158,16 +158,22 @@ def test_mri_cases_get_the_mri_head_and_a_folder_without_one_serves_them_with_it
                          modality_heads={"MRI": replace(modality_heads["MRI"], setting="loo-liver")})
 
 
-def test_shipped_pipeline_segments_an_mri_brain_tumor_with_the_mri_head(pipeline):
-    case = phantoms.generate_case("brain", 1, 3000)  # test seed; no setting sees brain tumors
-    result = pipeline.segment_grid(case.image, case.spacing, "brain", modality="MRI")
-    tumor = case.tumor > 0
-    assert result.thresholds["residual_head"] == "residual_mri"
-    assert result.thresholds["refinement"] == vars(pipeline.modality_heads["MRI"].thresholds)
-    # brain test cases 0-5 score DSC 0.14, 0.13, 0.04, 0.10, 0.01, 0.03 with the shipped heads: case 1 is typical of
-    # the better half, where the mask is mostly on the tumor
-    assert dice(result.refined, tumor) > 0.1, dice(result.refined, tumor)
-    assert (result.refined & tumor).sum() / result.refined.sum() > 0.5  # mostly on the tumor
+# The fixed set: brain test cases 0-2 (seed 3000; no setting sees brain tumors). Floors are today's figures less 0.03
+# (measured 0.140, 0.129, 0.043, mean 0.104): a regression fails, an improvement ratchets them up.
+MRI_CASE_FLOORS = {0: 0.11, 1: 0.10, 2: 0.01}
+MRI_MEAN_FLOOR = 0.08
+
+
+def test_shipped_pipeline_segments_mri_brain_tumors_with_the_mri_head(pipeline):
+    scores = {}
+    for index, floor in MRI_CASE_FLOORS.items():
+        case = phantoms.generate_case("brain", index, 3000)
+        result = pipeline.segment_grid(case.image, case.spacing, "brain", modality="MRI")
+        assert result.thresholds["residual_head"] == "residual_mri"
+        assert result.thresholds["refinement"] == vars(pipeline.modality_heads["MRI"].thresholds)
+        scores[index] = dice(result.refined, case.tumor > 0)
+    assert all(scores[index] >= floor for index, floor in MRI_CASE_FLOORS.items()), scores
+    assert np.mean(list(scores.values())) >= MRI_MEAN_FLOOR, scores
 
 
 def test_evaluate_refinement_reports_every_unseen_category_and_the_pseudo_healthy_hu(tmp_path, capsys):
@@ -180,6 +186,7 @@ def test_evaluate_refinement_reports_every_unseen_category_and_the_pseudo_health
     vessel = rows["hepatic_vessel"]
     assert abs(vessel["hu_healthy_in_tumor"] - vessel["hu_organ"]) < abs(vessel["hu_input_in_tumor"] - vessel["hu_organ"])
     assert all({"dsc_aova", "dsc_fusion", "dsc_full", "nsd_full"} <= set(r) for r in rows.values())
+    assert vessel["dsc_full"] > 0.3 and vessel["nsd_full"] > 0.15, vessel  # hepatic_vessel_000: measured 0.417 DSC
     assert "validation split" in vessel["thresholds"]["refinement"]
 
 
