@@ -342,6 +342,7 @@ def refuse_input(path: str | os.PathLike, extra=()) -> None:
 # ---- atomic writes ---------------------------------------------------------------------------------
 
 _LIVE_TEMPS: set[Path] = set()  # this process's temporary files, removed at exit if a rename never came
+_SWEPT: set[Path] = set()  # folders this process has already cleared of stale temporaries (once each, not per write)
 # ".<name>.<pid>.<8 random characters from mkstemp>.tmp<suffix>": what atomic_path and the write check create
 _TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp")
 
@@ -403,7 +404,9 @@ class atomic_path:
             raise InputError(f"{self.path}: is a folder; give a file name for this output.")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.path.parent)
+            if self.path.parent not in _SWEPT:
+                remove_stale_temporaries(self.path.parent)
+                _SWEPT.add(self.path.parent)
             prefix, mark = temporary_name(self.path.name)
             fd, name = tempfile.mkstemp(prefix=prefix, suffix=mark + self.suffix, dir=self.path.parent)
         except OSError as exc:
