@@ -24,20 +24,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import phantoms
+from .preprocess import body_mask
 from .text import TextEncoder, check_prompt, ensemble_embedding, load_templates
+from .vocabulary import ORGAN_KEYS, ORGAN_LABELS, organ_modality
 
 BACKGROUND = "background"
 IGNORE = -100  # target of voxels no prompt is trained on (torch's default ignore_index)
-# organ keys of the prompts -> PhantomBench organ labels that make up the organ
-ORGAN_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
-    "CT": {"liver": ("liver", "hepatic_vessels"), "spleen": ("spleen",), "kidney": ("kidney_right", "kidney_left"),
-           "pancreas": ("pancreas",), "lung": ("lung_right", "lung_left"), "colon": ("colon",)},
-    "MRI": {"brain": ("csf", "gray_matter", "white_matter")},
-}
 LESION_ORGANS = tuple(key for keys in ORGAN_KEYS.values() for key in keys)  # index + 1 = lesion id in a slice bank
-CATEGORY_ORGAN = {"liver": "liver", "hepatic_vessel": "liver", "kidney": "kidney", "pancreas": "pancreas",
-                  "lung": "lung", "colon": "colon", "brain": "brain"}
 
 
 @dataclass(frozen=True)
@@ -150,7 +143,7 @@ def organ_map(output: AOVAOutput, prompt_set: PromptSet, organ: str) -> torch.Te
 
 def organ_voxels(organs: np.ndarray, modality: str, organ: str) -> np.ndarray:
     """Where a prompt organ is in a PhantomBench label map: the union of its labels (``ORGAN_KEYS``)."""
-    return np.isin(organs, [phantoms.ORGAN_LABELS[name] for name in ORGAN_KEYS[modality][organ]])
+    return np.isin(organs, [ORGAN_LABELS[name] for name in ORGAN_KEYS[modality][organ]])
 
 
 def prompt_targets(organs: np.ndarray, lesions: dict[str, np.ndarray], prompt_set: PromptSet) -> np.ndarray:
@@ -179,3 +172,37 @@ def aova_loss(output: AOVAOutput, target: torch.Tensor, tumor: torch.Tensor, pro
     intersection = (s * tumor).sum()
     dice = 1 - (2 * intersection + 1) / (s.sum() + tumor.sum() + 1)
     return {"ce": ce, "bce": bce, "dice": dice, "total": ce + bce + dice}
+
+
+@torch.no_grad()
+def volume_features(backbone, image: np.ndarray, modality: str, batch: int = 32) -> list[torch.Tensor]:
+    """The frozen encoder's three stage features for every axial slice: (Z, C_l, h_l, w_l) each."""
+    intensity = backbone.intensity(modality, image)
+    x = backbone.volume_to_slices(intensity.forward(image))
+    chunks = [backbone.encode_features(x[i:i + batch]) for i in range(0, len(x), batch)]
+    return [torch.cat([c[l] for c in chunks]).cpu() for l in range(3)]
+
+@dataclass
+class AOVAResult:
+    """AOVA on one volume: the prompt set, the maps, S and the organ probability on the volume grid."""
+
+    prompt_set: object
+    output: object  # AOVAOutput over the volume's slices
+    anomaly: np.ndarray  # (X, Y, Z)
+    organ_probability: np.ndarray  # (X, Y, Z)
+    body: np.ndarray  # (X, Y, Z) bool, from the image (the maps are not trained outside the body)
+
+@torch.no_grad()
+def run_aova(heads, backbone, text_encoder, image: np.ndarray, modality: str, organ: str, *,
+             prompt: str | None = None, features=None) -> AOVAResult:
+    """``organ`` names the organ (seen or not); ``prompt`` replaces its abnormal prompt with free text."""
+    modality = modality.upper()
+    abnormal = [o for o in heads.abnormal_organs if organ_modality(o) == modality]
+    if organ not in abnormal and not prompt:
+        abnormal.append(organ)  # an unseen organ: its abnormal prompt is encoded now (open vocabulary)
+    prompt_set = build_prompt_set(text_encoder, modality, abnormal, extra_abnormal={organ: prompt} if prompt else None,
+                                  extra_organs=[organ])
+    features = features if features is not None else volume_features(backbone, image, modality)
+    output = heads.aova([f.float() for f in features], prompt_set.embeddings, tuple(image.shape[:2]))
+    return AOVAResult(prompt_set, output, anomaly_map(output, prompt_set).permute(1, 2, 0).numpy(),
+                      organ_map(output, prompt_set, organ).permute(1, 2, 0).numpy(), body_mask(image, modality))

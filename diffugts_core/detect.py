@@ -18,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .aova import PromptSet
+from .aova import AOVAResult, PromptSet, run_aova
+from .io import check_same_grid
+from .preprocess import model_grid_plan
 
 
 class RegionHead(nn.Module):
@@ -82,3 +84,60 @@ def candidate_regions(anomaly: np.ndarray, organ_region: np.ndarray, threshold: 
     labels, count = ndimage.label((anomaly > threshold) & organ_region)
     sizes = np.bincount(labels.ravel())[1:]
     return [labels == i + 1 for i in np.argsort(-sizes) if sizes[i] >= min_voxels]
+
+
+@torch.no_grad()
+def find_regions(heads, aova: AOVAResult, thresholds: DetectionThresholds,
+                 organ_mask: np.ndarray | None = None) -> Detection:
+    """Candidate regions of S in the organ region, scored by the region head; the kept union."""
+    if organ_mask is None:
+        organ_mask = (aova.organ_probability > thresholds.organ) & aova.body
+        # a tumor the maps give to another prompt is a hole in the organ: fill holes slice by slice
+        organ_mask = np.stack([ndimage.binary_fill_holes(organ_mask[..., k]) for k in range(organ_mask.shape[-1])], -1)
+    organ_region = ndimage.binary_dilation(organ_mask.astype(bool), iterations=2)
+    detection = Detection(aova.anomaly, organ_region, kept=np.zeros(aova.anomaly.shape, bool))
+    for mask in candidate_regions(aova.anomaly, organ_region, thresholds.anomaly, thresholds.min_voxels):
+        slices = np.flatnonzero(mask.any((0, 1)))  # pool over the region's own slices only: the same mean, faster
+        weights = torch.from_numpy(mask[..., slices].transpose(2, 0, 1)[None].astype(np.float32))
+        pooled = RegionHead.pool([feature[slices] for feature in aova.output.adapted], weights)
+        probability = float(heads.region.anomaly_probability(pooled, aova.prompt_set))
+        detection.regions.append(Region(mask, int(mask.sum()), float(aova.anomaly[mask].mean()), probability))
+        if probability >= thresholds.region:
+            detection.kept |= mask
+    detection.case_score = max((r.probability * r.mean_s for r in detection.regions), default=0.0)
+    return detection
+
+def detect_case(heads, backbone, text_encoder, image: np.ndarray, modality: str, organ: str, *,
+                prompt: str | None = None, organ_mask: np.ndarray | None = None, features=None) -> Detection:
+    """AOVA, then region-level detection with the heads' validated thresholds."""
+    aova = run_aova(heads, backbone, text_encoder, image, modality, organ, prompt=prompt, features=features)
+    return find_regions(heads, aova, heads.thresholds, organ_mask)
+
+@dataclass
+class VolumeDetection:
+    """AOVA + detection of one NIfTI volume, with the maps taken back to the input's own grid."""
+
+    image: np.ndarray  # the volume on the processing grid (RAS, model spacing)
+    aova: AOVAResult  # on the processing grid
+    detection: Detection  # on the processing grid
+    anomaly: np.ndarray  # S on the input grid
+    organ_probability: np.ndarray  # on the input grid
+    kept: np.ndarray  # regions judged abnormal, on the input grid (bool)
+
+def detect_volume(heads, backbone, text_encoder, volume, modality: str, organ: str, *,
+                  prompt: str | None = None, organ_mask=None) -> VolumeDetection:
+    """Any NIfTI volume (``io.Volume``): to the model's grid (RAS, model spacing), AOVA + detection, and back.
+
+    ``organ_mask`` (a ``Volume`` on the same grid) replaces the organ region the maps would find.
+    """
+    modality = modality.upper()
+    plan = model_grid_plan(volume, modality, backbone.config.slice_shape)
+    fill = -1000.0 if modality == "CT" else 0.0  # air, so padding is outside the body
+    image = plan.apply(volume.array.astype(np.float32), order=1, fill=fill)
+    if organ_mask is not None:
+        check_same_grid(volume, organ_mask)
+        organ_mask = plan.apply((organ_mask.array > 0).astype(np.uint8), order=0) > 0
+    aova = run_aova(heads, backbone, text_encoder, image, modality, organ, prompt=prompt)
+    detection = find_regions(heads, aova, heads.thresholds, organ_mask)
+    return VolumeDetection(image, aova, detection, plan.invert(aova.anomaly), plan.invert(aova.organ_probability),
+                           plan.invert(detection.kept.astype(np.uint8), kind="mask").astype(bool))

@@ -30,16 +30,16 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import phantoms
-from .aova import (CATEGORY_ORGAN, IGNORE, LESION_ORGANS, ORGAN_KEYS, AOVAHead, anomaly_map, aova_loss,
-                   build_prompt_set, organ_map, organ_voxels, prompt_targets, stage_anomaly_maps)
+from .aova import (IGNORE, LESION_ORGANS, AOVAHead, anomaly_map, aova_loss, build_prompt_set, organ_voxels,
+                   prompt_targets, run_aova, stage_anomaly_maps, volume_features)
 from .backbone.registry import verified_model_path
-from .detect import Detection, DetectionThresholds, Region, RegionHead, candidate_regions
-from .io import InputError, atomic_path, check_same_grid, write_text_atomic
+from .detect import DetectionThresholds, RegionHead, detect_case, find_regions
+from .io import InputError, atomic_path, write_text_atomic
 from .manifests import category_role
 from .metrics import detection_auroc, dice, surface_dice
-from .preprocess import body_mask, model_grid_plan
+from .vocabulary import CATEGORIES, CATEGORY_ORGAN, CT_CATEGORIES, ORGAN_KEYS, category_region, organ_modality
 
-SETTINGS = tuple(f"loo-{c}" for c in phantoms.CT_CATEGORIES) + ("seen-unseen", "ct-mri")
+SETTINGS = tuple(f"loo-{c}" for c in CT_CATEGORIES) + ("seen-unseen", "ct-mri")
 # PhantomBench seeds of the splits. "refine" trains the residual head: seen categories like "train", but cases the AOVA
 # heads never fitted, so the head learns how S behaves on new cases, not on the heads' own training cases.
 SEEDS = {"train": 2000, "validation": 2001, "refine": 2002, "test": 3000}
@@ -51,7 +51,7 @@ def setting_categories(setting: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         raise InputError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
     name, held_out = (("loo", setting[4:]) if setting.startswith("loo-") else
                       ("seen_unseen" if setting == "seen-unseen" else "mri", None))
-    roles = {c: category_role(c, name, held_out) for c in phantoms.CATEGORIES}
+    roles = {c: category_role(c, name, held_out) for c in CATEGORIES}
     return (tuple(c for c, r in roles.items() if r == "train"), tuple(c for c, r in roles.items() if r == "test"))
 
 
@@ -160,22 +160,13 @@ def split_cases(setting: str, split: str, config: HeadsConfig, shape=phantoms.DE
         training = split in ("train", "refine")
         per_category = config.train_per_category if training else config.validation_per_category
         healthy = config.healthy_per_region if training else 1
-    regions = sorted({phantoms.CATEGORY_REGION.get(c, "abdomen") for c in categories})
+    regions = sorted({category_region(c) for c in categories})
     for category in categories:
         for index in range(per_category):
             yield phantoms.generate_case(category, index, seed, shape)
     for region in regions if split == "test" else ("abdomen", "thorax", "brain"):
         for index in range(healthy):
             yield phantoms.generate_case("healthy", index, seed, shape, region=region)
-
-
-@torch.no_grad()
-def volume_features(backbone, image: np.ndarray, modality: str, batch: int = 32) -> list[torch.Tensor]:
-    """The frozen encoder's three stage features for every axial slice: (Z, C_l, h_l, w_l) each."""
-    intensity = backbone.intensity(modality, image)
-    x = backbone.volume_to_slices(intensity.forward(image))
-    chunks = [backbone.encode_features(x[i:i + batch]) for i in range(0, len(x), batch)]
-    return [torch.cat([c[l] for c in chunks]).cpu() for l in range(3)]
 
 
 @dataclass
@@ -261,7 +252,7 @@ def train_heads(backbone, text_encoder, config: HeadsConfig = HeadsConfig(), *, 
     if leaked:  # the data loader itself is checked, not the convention
         raise RuntimeError(f"categories {sorted(leaked)} are not seen in {config.setting} but reached its training set")
     abnormal = tuple(LESION_ORGANS[i - 1] for i in sorted(set(bank.lesions.unique().tolist()) - {0}))
-    prompt_sets = {m: build_prompt_set(text_encoder, m, [o for o in abnormal if _organ_modality(o) == m])
+    prompt_sets = {m: build_prompt_set(text_encoder, m, [o for o in abnormal if organ_modality(o) == m])
                    for m in ("CT", "MRI")}
     channels = [f.shape[1] for f in bank.features]
     aova = AOVAHead(channels, text_encoder.hidden_size, config.dim, alpha=config.adapter_alpha)
@@ -288,7 +279,7 @@ def training_fit(heads: TrainedHeads, backbone, text_encoder, *, bank: SliceBank
     ``bank`` (from ``training_bank`` with the heads' config and seed) is given."""
     if bank is None:
         bank = training_bank(backbone, heads.config, np.random.default_rng(heads.config.seed), shape=shape)
-    prompt_sets = {m: build_prompt_set(text_encoder, m, [o for o in heads.abnormal_organs if _organ_modality(o) == m])
+    prompt_sets = {m: build_prompt_set(text_encoder, m, [o for o in heads.abnormal_organs if organ_modality(o) == m])
                    for m in set(bank.modalities)}
     size = tuple(bank.organs.shape[-2:])
     values: dict[tuple[str, str], list[list[float]]] = {}
@@ -395,10 +386,6 @@ def _lesion_kind(category: str | None, organ: str) -> str:
     return "real" if category is not None and CATEGORY_ORGAN[category] == organ else "synthetic"
 
 
-def _organ_modality(organ: str) -> str:
-    return "MRI" if organ == "brain" else "CT"
-
-
 def _fit(heads, bank: SliceBank, prompt_sets, config: HeadsConfig, rng, progress):
     size = tuple(bank.features[0].shape[-2:])  # losses on the finest stage's grid (1/2 of the image)
     step = bank.organs.shape[-1] // size[-1]
@@ -473,92 +460,6 @@ def _region_loss(region_head, output, targets, tumor, prompt_set, rng) -> torch.
 
 # ---- inference --------------------------------------------------------------------------------
 
-@dataclass
-class AOVAResult:
-    """AOVA on one volume: the prompt set, the maps, S and the organ probability on the volume grid."""
-
-    prompt_set: object
-    output: object  # AOVAOutput over the volume's slices
-    anomaly: np.ndarray  # (X, Y, Z)
-    organ_probability: np.ndarray  # (X, Y, Z)
-    body: np.ndarray  # (X, Y, Z) bool, from the image (the maps are not trained outside the body)
-
-
-@torch.no_grad()
-def run_aova(heads: TrainedHeads, backbone, text_encoder, image: np.ndarray, modality: str, organ: str, *,
-             prompt: str | None = None, features=None) -> AOVAResult:
-    """``organ`` names the organ (seen or not); ``prompt`` replaces its abnormal prompt with free text."""
-    modality = modality.upper()
-    abnormal = [o for o in heads.abnormal_organs if _organ_modality(o) == modality]
-    if organ not in abnormal and not prompt:
-        abnormal.append(organ)  # an unseen organ: its abnormal prompt is encoded now (open vocabulary)
-    prompt_set = build_prompt_set(text_encoder, modality, abnormal, extra_abnormal={organ: prompt} if prompt else None,
-                                  extra_organs=[organ])
-    features = features if features is not None else volume_features(backbone, image, modality)
-    output = heads.aova([f.float() for f in features], prompt_set.embeddings, tuple(image.shape[:2]))
-    return AOVAResult(prompt_set, output, anomaly_map(output, prompt_set).permute(1, 2, 0).numpy(),
-                      organ_map(output, prompt_set, organ).permute(1, 2, 0).numpy(), body_mask(image, modality))
-
-
-@torch.no_grad()
-def find_regions(heads: TrainedHeads, aova: AOVAResult, thresholds: DetectionThresholds,
-                 organ_mask: np.ndarray | None = None) -> Detection:
-    """Candidate regions of S in the organ region, scored by the region head; the kept union."""
-    if organ_mask is None:
-        organ_mask = (aova.organ_probability > thresholds.organ) & aova.body
-        # a tumor the maps give to another prompt is a hole in the organ: fill holes slice by slice
-        organ_mask = np.stack([ndimage.binary_fill_holes(organ_mask[..., k]) for k in range(organ_mask.shape[-1])], -1)
-    organ_region = ndimage.binary_dilation(organ_mask.astype(bool), iterations=2)
-    detection = Detection(aova.anomaly, organ_region, kept=np.zeros(aova.anomaly.shape, bool))
-    for mask in candidate_regions(aova.anomaly, organ_region, thresholds.anomaly, thresholds.min_voxels):
-        slices = np.flatnonzero(mask.any((0, 1)))  # pool over the region's own slices only: the same mean, faster
-        weights = torch.from_numpy(mask[..., slices].transpose(2, 0, 1)[None].astype(np.float32))
-        pooled = RegionHead.pool([feature[slices] for feature in aova.output.adapted], weights)
-        probability = float(heads.region.anomaly_probability(pooled, aova.prompt_set))
-        detection.regions.append(Region(mask, int(mask.sum()), float(aova.anomaly[mask].mean()), probability))
-        if probability >= thresholds.region:
-            detection.kept |= mask
-    detection.case_score = max((r.probability * r.mean_s for r in detection.regions), default=0.0)
-    return detection
-
-
-def detect_case(heads: TrainedHeads, backbone, text_encoder, image: np.ndarray, modality: str, organ: str, *,
-                prompt: str | None = None, organ_mask: np.ndarray | None = None, features=None) -> Detection:
-    """AOVA, then region-level detection with the heads' validated thresholds."""
-    aova = run_aova(heads, backbone, text_encoder, image, modality, organ, prompt=prompt, features=features)
-    return find_regions(heads, aova, heads.thresholds, organ_mask)
-
-
-@dataclass
-class VolumeDetection:
-    """AOVA + detection of one NIfTI volume, with the maps taken back to the input's own grid."""
-
-    image: np.ndarray  # the volume on the processing grid (RAS, model spacing)
-    aova: AOVAResult  # on the processing grid
-    detection: Detection  # on the processing grid
-    anomaly: np.ndarray  # S on the input grid
-    organ_probability: np.ndarray  # on the input grid
-    kept: np.ndarray  # regions judged abnormal, on the input grid (bool)
-
-
-def detect_volume(heads: TrainedHeads, backbone, text_encoder, volume, modality: str, organ: str, *,
-                  prompt: str | None = None, organ_mask=None) -> VolumeDetection:
-    """Any NIfTI volume (``io.Volume``): to the model's grid (RAS, model spacing), AOVA + detection, and back.
-
-    ``organ_mask`` (a ``Volume`` on the same grid) replaces the organ region the maps would find.
-    """
-    modality = modality.upper()
-    plan = model_grid_plan(volume, modality, backbone.config.slice_shape)
-    fill = -1000.0 if modality == "CT" else 0.0  # air, so padding is outside the body
-    image = plan.apply(volume.array.astype(np.float32), order=1, fill=fill)
-    if organ_mask is not None:
-        check_same_grid(volume, organ_mask)
-        organ_mask = plan.apply((organ_mask.array > 0).astype(np.uint8), order=0) > 0
-    aova = run_aova(heads, backbone, text_encoder, image, modality, organ, prompt=prompt)
-    detection = find_regions(heads, aova, heads.thresholds, organ_mask)
-    return VolumeDetection(image, aova, detection, plan.invert(aova.anomaly), plan.invert(aova.organ_probability),
-                           plan.invert(detection.kept.astype(np.uint8), kind="mask").astype(bool))
-
 
 def choose_thresholds(heads: TrainedHeads, backbone, text_encoder, cases) -> DetectionThresholds:
     """Grid search of the S and region thresholds for the best mean DSC on validation tumor cases."""
@@ -603,7 +504,7 @@ def evaluate_heads(heads: TrainedHeads, backbone, text_encoder, config: HeadsCon
         organs = [organ] if organ else []
         if case.category == "healthy":  # a healthy case is scored once per evaluated organ of its region
             organs = [CATEGORY_ORGAN[c] for c in categories
-                      if phantoms.CATEGORY_REGION.get(c, "abdomen") == case.region]
+                      if category_region(c) == case.region]
         features = volume_features(backbone, case.image, case.modality)
         for organ in dict.fromkeys(organs):
             detection = detect_case(heads, backbone, text_encoder, case.image, case.modality, organ, features=features)

@@ -14,15 +14,22 @@ inpaints a bare crop badly).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .backbone.base import Conditioning, FrozenBackbone
+from .io import atomic_path
+from .preprocess import PREPROCESS_VERSION
 
 
 INPAINT_VERSION = 3  # bump when the algorithm changes (keys cached pseudo-healthy images); 3: lesion windows
@@ -37,7 +44,7 @@ class InpaintConfig:
     seed: int = 0
     batch_size: int = 32
     roi: bool = False  # True: denoise latent windows around the lesions only (measured: no faster with scattered
-    # candidates, and 2 DSC points lower; see docs/refinement_findings.md); False: the masked slices, whole
+    # candidates, and 2 DSC points lower; see docs/findings/refinement.md); False: the masked slices, whole
     context: int = 6  # latent cells of known context around each lesion group's bounding box, on each side
     window_multiple: int = 8  # window sides are multiples of this many latent cells: few sizes, large batches
 
@@ -255,3 +262,53 @@ def pseudo_healthy(backbone, image: np.ndarray, modality: str, mask: np.ndarray,
     # paste back in image units: outside the mask the input is returned bit for bit (model space clips)
     volumes = np.stack([np.where(inside, intensity.inverse(backbone.slices_to_volume(s)), image) for s in samples])
     return volumes.mean(0), volumes.std(0)
+
+
+def inpaint_region(backbone, text_encoder, image: np.ndarray, modality: str, region: str, organ: str,
+                   roi: np.ndarray, config: InpaintConfig, *, cache: Path | None = None,
+                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The pseudo-healthy image (mean over samples, and their spread), from ``cache`` when it holds this exact case."""
+    if not roi.any():
+        return image.copy(), np.zeros(image.shape, np.float32)
+    key = None if cache is None else _cache_key(backbone, image, roi, modality, region, organ, config)
+    if key is not None and (cache / f"{key}.npz").is_file():
+        stored = np.load(cache / f"{key}.npz")
+        return stored["healthy"], stored["spread"]
+    cond, uncond = healthy_conditioning(text_encoder, modality, region, organ)
+    healthy, spread = pseudo_healthy(backbone, image, modality, roi, cond, uncond, config, progress)
+    if key is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache / f"{key}.npz", suffix=".npz") as tmp:
+            np.savez_compressed(tmp, healthy=healthy.astype(np.float32), spread=spread.astype(np.float32))
+    return healthy, spread
+
+def _cache_key(backbone, image, roi, modality, region, organ, config: InpaintConfig) -> str:
+    digest = hashlib.sha256()
+    for array in (np.ascontiguousarray(image, np.float32), np.ascontiguousarray(roi, bool)):
+        digest.update(str(array.shape).encode())
+        digest.update(array.tobytes())
+    digest.update(json.dumps([modality, region, organ, PREPROCESS_VERSION, INPAINT_VERSION, asdict(config)]).encode())
+    digest.update(model_fingerprint(backbone).encode())
+    return digest.hexdigest()[:32]
+
+_FINGERPRINTS = weakref.WeakKeyDictionary()  # one hash per loaded backbone
+
+def model_fingerprint(backbone) -> str:
+    """sha256 of the frozen model's weights (what a cached pseudo-healthy image depends on): every torch module the
+    backbone holds, whatever its architecture."""
+    if backbone not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        modules = [(name, value) for name, value in sorted(vars(backbone).items()) if isinstance(value, nn.Module)]
+        for module_name, module in modules:
+            for name, tensor in sorted(module.state_dict().items()):
+                digest.update(f"{module_name}.{name}".encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        _FINGERPRINTS[backbone] = digest.hexdigest()
+    return _FINGERPRINTS[backbone]
+
+def coarse_roi(detection, spacing, margin_mm: float) -> np.ndarray:
+    """Every candidate region (kept by the region head or not: the residual head is the second filter), enlarged."""
+    coarse = np.zeros(detection.anomaly.shape, bool)
+    for region in detection.regions:
+        coarse |= region.mask
+    return enlarge_mask(coarse, spacing, margin_mm)

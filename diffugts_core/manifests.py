@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from diffugts_core.io import CaseRecord, InputError, Volume, load_volume
-from diffugts_core.phantoms import CATEGORY_ORGANS, CT_CATEGORIES, ORGAN_LABELS
+from .io import CaseRecord, InputError, Volume, load_volume
+from .vocabulary import CATEGORY_ORGAN, CT_CATEGORIES, ORGAN_LABELS, category_organ_labels
 
 MANIFEST_PACKAGE = "diffugts_core.data_manifests"
 SEEN_CATEGORIES = ("liver", "kidney", "pancreas")
@@ -264,7 +264,8 @@ def _load_phantombench(manifest: Manifest, root: Path) -> list[CaseRecord]:
 
 def _phantom_organ_labels(category: str) -> list[int]:
     # The organ map labels the whole anatomy (fat, muscle, bone, ...); the case's organ is its category's.
-    return sorted(ORGAN_LABELS[organ] for organ in CATEGORY_ORGANS.get(category, ()))  # healthy: []
+    organs = category_organ_labels(category) if category in CATEGORY_ORGAN else ()  # healthy: none
+    return sorted(ORGAN_LABELS[organ] for organ in organs)
 
 
 def parse_spacing(text: str) -> tuple[float, float, float]:

@@ -35,53 +35,14 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .io import CaseRecord, atomic_path, check_same_grid, load_volume, save_volume
+from .vocabulary import CATEGORIES, ORGAN_LABELS, REGION_MODALITY, category_organ_labels, category_region
 
 GENERATOR_VERSION = 1
 
-ORGAN_LABELS: dict[str, int] = {
-    "background": 0,
-    "fat": 1,
-    "muscle": 2,  # body wall, skin, paraspinal and psoas muscles
-    "bone": 3,  # vertebrae (with canal) and ribs
-    "liver": 4,
-    "spleen": 5,
-    "kidney_right": 6,
-    "kidney_left": 7,
-    "pancreas": 8,
-    "aorta": 9,
-    "hepatic_vessels": 10,
-    "colon": 11,
-    "lung_right": 12,
-    "lung_left": 13,
-    "heart": 14,
-    "inferior_vena_cava": 15,
-    "csf": 20,
-    "gray_matter": 21,
-    "white_matter": 22,
-}
-CT_CATEGORIES = ("liver", "kidney", "pancreas", "lung", "colon", "hepatic_vessel")
-CATEGORIES = CT_CATEGORIES + ("brain",)
-# Which organ labels a category's tumors live in (the "organ region" of the method).
-CATEGORY_ORGANS: dict[str, tuple[str, ...]] = {
-    "liver": ("liver", "hepatic_vessels"),
-    "hepatic_vessel": ("liver", "hepatic_vessels"),
-    "kidney": ("kidney_right", "kidney_left"),
-    "pancreas": ("pancreas",),
-    "lung": ("lung_right", "lung_left"),
-    "colon": ("colon",),
-    "brain": ("csf", "gray_matter", "white_matter"),
-}
-CATEGORY_REGION = {"lung": "thorax", "brain": "brain"}  # every other category: abdomen
-REGION_MODALITY = {"abdomen": "CT", "thorax": "CT", "brain": "MRI"}
 CT_FOV_MM = np.array([320.0, 320.0, 256.0])
 CT_Z_START_MM = {"abdomen": -160.0, "thorax": 40.0}
 BRAIN_FOV_MM = np.array([192.0, 228.0, 192.0])
 DEFAULT_SHAPE = (128, 128, 64)
-
-
-def category_modality(category: str) -> str:
-    """The modality a tumor category's cases are imaged with (CT, or MRI for brain)."""
-    return REGION_MODALITY[CATEGORY_REGION.get(category, "abdomen")]
 
 
 @dataclass
@@ -111,7 +72,7 @@ class PhantomCase:
 
     def organ_mask(self, category: str | None = None) -> np.ndarray:
         """Boolean mask of the organ region that ``category``'s tumors live in."""
-        ids = [ORGAN_LABELS[name] for name in CATEGORY_ORGANS[category or self.category]]
+        ids = [ORGAN_LABELS[name] for name in category_organ_labels(category or self.category)]
         return np.isin(self.organs, ids)
 
 
@@ -127,7 +88,7 @@ def generate_case(category: str, index: int = 0, seed: int = 0, shape=DEFAULT_SH
         region = region or "abdomen"
         case_id = f"healthy_{region}_{index:03d}"
     else:
-        region = CATEGORY_REGION.get(category, "abdomen")
+        region = category_region(category)
         case_id = f"{category}_{index:03d}"
     if region not in REGION_MODALITY:
         raise ValueError(f"unknown region {region!r}; choose from {', '.join(REGION_MODALITY)}")
@@ -157,7 +118,7 @@ def cohort_plan(categories, per_category: int, healthy: int) -> list[tuple[str, 
     plan = [(c, i, None) for c in categories for i in range(per_category)]
     regions = []
     for c in categories:
-        r = CATEGORY_REGION.get(c, "abdomen")
+        r = category_region(c)
         if r not in regions:
             regions.append(r)
     regions = regions or ["abdomen"]

@@ -24,18 +24,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import phantoms, plausibility
-from .aova import CATEGORY_ORGAN
+from . import plausibility
 from .detect import Detection
 from .inpaint import InpaintConfig
-from .heads import AOVAResult, TrainedHeads, find_regions, heads_folder, role_categories, run_aova, split_cases
+from .aova import AOVAResult, run_aova
+from .detect import find_regions
+from .heads import TrainedHeads, heads_folder, role_categories, split_cases
 from .io import InputError, Volume, check_same_grid
 from .metrics import dice, surface_dice
 from .preprocess import SpatialPlan, model_grid_plan
 from .reports import intermediate_names
-from .residual import (Residuals, TrainedResidualHead, coarse_roi, final_mask, fusion_map, head_inputs,
-                       inpaint_region, load_modality_heads, refined_probability, residuals_of)
+from .inpaint import coarse_roi, inpaint_region
+from .residual import (Residuals, TrainedResidualHead, final_mask, fusion_map, head_inputs, load_modality_heads,
+                       refined_probability, residuals_of)
 from .text import check_organ, check_prompt
+from .vocabulary import CATEGORY_ORGAN, category_modality, organ_body_region
 
 
 @dataclass
@@ -161,7 +164,7 @@ class DiffuGTSPipeline:
         if method not in ("head", "fusion"):
             raise InputError(f"method must be 'head' (residual head) or 'fusion' (training-free), not {method!r}")
         timings: dict[str, float] = {}
-        region = phantoms.CATEGORY_REGION.get(organ, "abdomen")
+        region = organ_body_region(organ)
         residual_head = self.residual_head(modality)
         config = residual_head.config
         with _timed(timings, "aova"):
@@ -234,7 +237,7 @@ def evaluate_refinement(pipeline: DiffuGTSPipeline, *, test_per_category: int = 
         mine = [r for r in per_case if r["category"] == category]
         if not mine:
             continue
-        refinement = pipeline.residual_head(phantoms.category_modality(category)).thresholds
+        refinement = pipeline.residual_head(category_modality(category)).thresholds
         row = {"setting": heads.setting, "category": category, "role": role, "cases": len(mine),
                "thresholds": {"detection": heads.thresholds.provenance, "refinement": refinement.provenance}}
         for key in mine[0]:

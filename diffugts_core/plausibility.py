@@ -10,9 +10,9 @@ import warnings
 
 import numpy as np
 
-from .aova import ORGAN_KEYS
 from .io import InputWarning
 from .text import TextEncoder, load_templates
+from .vocabulary import ORGAN_KEYS
 
 CT_AIR_CEILING_HU = -500.0  # a CT in HU has air (about -1000 HU) around or inside the body; nothing below -500 is odd
 

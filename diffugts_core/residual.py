@@ -7,7 +7,7 @@
   setting only; its threshold comes from the setting's validation split. A modality no seen category is in (MRI brain,
   in every setting) gets a head of its own, trained on healthy cases of that modality with synthetic anomalies and
   thresholded on synthetic anomalies in healthy validation cases: one small head shared across modalities traded CT
-  accuracy for MRI accuracy (docs/refinement_findings.md section 6).
+  accuracy for MRI accuracy (docs/findings/refinement.md section 6).
 - Training-free fusion (the baseline kept beside it): R_p and R_f, each divided by its 99th percentile inside the
   region of interest, averaged, thresholded.
 
@@ -17,9 +17,7 @@ interest, the preprocessing and inpainting versions, the inpainting settings and
 
 from __future__ import annotations
 
-import hashlib
 import json
-import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,14 +30,14 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import phantoms
-from .aova import CATEGORY_ORGAN
-from .heads import SEEDS, TrainedHeads, find_regions, insert_synthetic_anomaly, run_aova, split_cases
-from .inpaint import INPAINT_VERSION, InpaintConfig, enlarge_mask, healthy_conditioning, pseudo_healthy
+from .aova import run_aova
+from .detect import find_regions
+from .heads import SEEDS, TrainedHeads, insert_synthetic_anomaly, split_cases
+from .inpaint import InpaintConfig, coarse_roi, inpaint_region
 from .io import InputError, atomic_path, write_text_atomic
 from .metrics import dice
-from .preprocess import PREPROCESS_VERSION
+from .vocabulary import CATEGORY_ORGAN, REGION_MODALITY, REGION_ORGAN, category_modality
 
-REGION_ORGAN = {"abdomen": "liver", "thorax": "lung", "brain": "brain"}  # the organ a healthy training case is read for
 INPUTS = ("image", "healthy", "signed_pixel_residual", "feature_residual", "anomaly")  # the head's input channels
 SMOOTHING_VOXELS = (1.5, 1.5, 0.7)  # Gaussian sigma of the head's signed residual: blobs stay, inpainting texture goes
 
@@ -98,7 +96,7 @@ class ResidualHead(nn.Module):
     """Three convolutions over [I, H, signed R_p, R_f, S] (5 channels) -> tumor logits; a 5 x 5 pixel view.
 
     Small on purpose: a 0.13 M-parameter U-shaped head fitted its training lesions (pixel AUROC 0.9-0.99) and
-    failed on new cases (0.4-0.8); this one generalises (docs/refinement_findings.md)."""
+    failed on new cases (0.4-0.8); this one generalises (docs/findings/refinement.md)."""
 
     def __init__(self, channels: int = 16):
         super().__init__()
@@ -209,56 +207,10 @@ def compute_residuals(backbone, text_encoder, image: np.ndarray, modality: str, 
     return residuals_of(backbone, image, modality, roi, healthy, spread)
 
 
-def inpaint_region(backbone, text_encoder, image: np.ndarray, modality: str, region: str, organ: str,
-                   roi: np.ndarray, config: InpaintConfig, *, cache: Path | None = None,
-                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The pseudo-healthy image (mean over samples, and their spread), from ``cache`` when it holds this exact case."""
-    if not roi.any():
-        return image.copy(), np.zeros(image.shape, np.float32)
-    key = None if cache is None else _cache_key(backbone, image, roi, modality, region, organ, config)
-    if key is not None and (cache / f"{key}.npz").is_file():
-        stored = np.load(cache / f"{key}.npz")
-        return stored["healthy"], stored["spread"]
-    cond, uncond = healthy_conditioning(text_encoder, modality, region, organ)
-    healthy, spread = pseudo_healthy(backbone, image, modality, roi, cond, uncond, config, progress)
-    if key is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache / f"{key}.npz", suffix=".npz") as tmp:
-            np.savez_compressed(tmp, healthy=healthy.astype(np.float32), spread=spread.astype(np.float32))
-    return healthy, spread
-
-
 def residuals_of(backbone, image: np.ndarray, modality: str, roi: np.ndarray, healthy: np.ndarray,
                  spread: np.ndarray) -> Residuals:
     return Residuals(roi, healthy, spread, pixel_residual(backbone, image, healthy, modality),
                      feature_residual(backbone, image, healthy, modality, roi))
-
-
-def _cache_key(backbone, image, roi, modality, region, organ, config: InpaintConfig) -> str:
-    digest = hashlib.sha256()
-    for array in (np.ascontiguousarray(image, np.float32), np.ascontiguousarray(roi, bool)):
-        digest.update(str(array.shape).encode())
-        digest.update(array.tobytes())
-    digest.update(json.dumps([modality, region, organ, PREPROCESS_VERSION, INPAINT_VERSION, asdict(config)]).encode())
-    digest.update(model_fingerprint(backbone).encode())
-    return digest.hexdigest()[:32]
-
-
-_FINGERPRINTS = weakref.WeakKeyDictionary()  # one hash per loaded backbone
-
-
-def model_fingerprint(backbone) -> str:
-    """sha256 of the frozen model's weights (what a cached pseudo-healthy image depends on): every torch module the
-    backbone holds, whatever its architecture."""
-    if backbone not in _FINGERPRINTS:
-        digest = hashlib.sha256()
-        modules = [(name, value) for name, value in sorted(vars(backbone).items()) if isinstance(value, nn.Module)]
-        for module_name, module in modules:
-            for name, tensor in sorted(module.state_dict().items()):
-                digest.update(f"{module_name}.{name}".encode())
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        _FINGERPRINTS[backbone] = digest.hexdigest()
-    return _FINGERPRINTS[backbone]
 
 
 def scaled_residual(residual: np.ndarray, roi: np.ndarray) -> np.ndarray:
@@ -311,14 +263,6 @@ def final_mask(probability: np.ndarray, threshold: float, roi: np.ndarray, min_v
     return keep[labels]
 
 
-def coarse_roi(detection, spacing, margin_mm: float) -> np.ndarray:
-    """Every candidate region (kept by the region head or not: the residual head is the second filter), enlarged."""
-    coarse = np.zeros(detection.anomaly.shape, bool)
-    for region in detection.regions:
-        coarse |= region.mask
-    return enlarge_mask(coarse, spacing, margin_mm)
-
-
 # ---- training ----------------------------------------------------------------------------------
 
 @dataclass
@@ -357,9 +301,9 @@ def train_residual_head(heads: TrainedHeads, backbone, text_encoder, config: Res
 
 def modality_regions(heads: TrainedHeads) -> dict[str, tuple[str, ...]]:
     """The regions of every modality no seen category of ``heads`` is in (MRI: the brain, in every setting)."""
-    seen = {phantoms.category_modality(category) for category in heads.seen}
-    return {modality: tuple(r for r, m in phantoms.REGION_MODALITY.items() if m == modality)
-            for modality in sorted(set(phantoms.REGION_MODALITY.values()) - seen)}
+    seen = {category_modality(category) for category in heads.seen}
+    return {modality: tuple(r for r, m in REGION_MODALITY.items() if m == modality)
+            for modality in sorted(set(REGION_MODALITY.values()) - seen)}
 
 
 def modality_cases(heads: TrainedHeads, modality: str, split: str, count: int, shape=phantoms.DEFAULT_SHAPE) -> list:

@@ -1,9 +1,11 @@
-"""Where models run (``device="auto"``) and where their weights come from (a folder, or a hub id)."""
+"""Where models run (``device="auto"``), where their weights come from (a folder, or a hub id), and the memory a run
+took."""
 
 from __future__ import annotations
 
 import os
 import re
+import resource
 from pathlib import Path
 
 import torch
@@ -52,3 +54,8 @@ def locate_pretrained(name_or_path: str | os.PathLike, *, what: str) -> str:
 def hub_unreachable_message(hub_id: str, what: str, reason: str) -> str:
     return (f"{hub_id}: not a local folder, and {reason}. On a machine with internet run "
             f"`hf download {hub_id} --local-dir DIR`, copy DIR here and pass DIR as the {what}.")
+
+
+def peak_memory_mb() -> float:
+    """The process's peak resident memory so far (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

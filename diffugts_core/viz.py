@@ -17,7 +17,7 @@ from matplotlib.colors import ListedColormap
 from .io import atomic_path
 from .preprocess import CT_WINDOWS, normalize_mri
 
-# One colour per organ label id (see phantoms.ORGAN_LABELS); index 0 is transparent.
+# One colour per organ label id (see ORGAN_LABELS); index 0 is transparent.
 _ORGAN_COLOURS = {
     1: "#f2e394", 2: "#c0504d", 3: "#f5f5f5", 4: "#8c564b", 5: "#9467bd", 6: "#2ca02c", 7: "#98df8a",
     8: "#ff7f0e", 9: "#d62728", 10: "#e377c2", 11: "#bcbd22", 12: "#1f77b4", 13: "#aec7e8", 14: "#ff9896",

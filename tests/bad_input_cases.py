@@ -2,10 +2,12 @@
 
 Each case builds its files, runs the command in-process, and records the exit code, the first ``error:`` or
 ``warning:`` line, the files written and whether every input kept its sha256. ``tests/test_bad_inputs.py`` checks
-each outcome against the case's expectation, and the README's "Bad input" table against :func:`render_table`.
+each outcome against the case's expectation, and the table in ``docs/bad_inputs.md`` against :func:`render_table`.
 Regenerate that table after changing a case or a message::
 
-    python -m tests.bad_input_cases --write-readme
+    python -m tests.bad_input_cases --write-docs
+
+
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"  # the table lives between the markers
 TABLE_START, TABLE_END = "<!-- bad-input-table: start -->", "<!-- bad-input-table: end -->"
 UNWRITABLE = "/sys/kernel"  # sysfs: no new files, even for root
 
@@ -195,15 +197,18 @@ def run_all(folder: Path, cases=CASES) -> dict[str, Outcome]:
     return {case.name: run_case(case, folder) for case in cases}
 
 
-def readme_table() -> str:
-    text = README.read_text()
+def docs_table() -> str:
+    """The table as written in docs/bad_inputs.md."""
+    text = TABLE_DOC.read_text()
     return text[text.index(TABLE_START) + len(TABLE_START):text.index(TABLE_END)].strip()
 
 
-def write_readme(table: str) -> None:
-    text = README.read_text()
+def write_docs(table: str) -> None:
+    text = TABLE_DOC.read_text()
     start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
-    README.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+    TABLE_DOC.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+
+
 
 
 if __name__ == "__main__":
@@ -211,6 +216,6 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as scratch:
         table = render_table(run_all(Path(scratch)))
-    if "--write-readme" in sys.argv:
-        write_readme(table)
+    if "--write-docs" in sys.argv:
+        write_docs(table)
     print(table)

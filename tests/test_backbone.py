@@ -13,7 +13,7 @@ from diffugts_core.backbone import (
 )
 from diffugts_core.backbone.attention import word_token_positions
 from diffugts_core.backbone.registry import record_model, verified_model_path
-from diffugts_core.backbone.training import FoundationTrainingConfig, build_models
+from diffugts_core.training.foundation import FoundationTrainingConfig, build_models
 from diffugts_core.io import InputError
 
 TINY = FoundationTrainingConfig(shape=(32, 32, 16), vae_channels=(16, 16, 16), unet_channels=(16, 32, 32),

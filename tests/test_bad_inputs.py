@@ -1,9 +1,9 @@
 """Every case of the bad-input catalogue (tests/bad_input_cases.py): the expected exit code and message, exactly the
-expected files written, every input's sha256 unchanged; and the README's "Bad input" table is the catalogue's."""
+expected files written, every input's sha256 unchanged; and the table in docs/bad_inputs.md is the catalogue's."""
 
 import pytest
 
-from tests.bad_input_cases import CASES, readme_table, render_table, run_all
+from tests.bad_input_cases import CASES, docs_table, render_table, run_all
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,8 @@ def test_case(outcomes, case):
     assert outcome.inputs_unchanged
 
 
-def test_readme_table_is_the_catalogue(outcomes):
-    assert readme_table() == render_table(outcomes), "run: python -m tests.bad_input_cases --write-readme"
+def test_docs_table_is_the_catalogue(outcomes):
+    assert docs_table() == render_table(outcomes), "run: python -m tests.bad_input_cases --write-docs"
 
 
 def test_output_paths_are_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from diffugts_core import phantoms
+from diffugts_core import vocabulary
 from diffugts_core.backbone import DEFAULT_MODEL, DiffusersSliceBackbone, SliceBackboneConfig
 from diffugts_core.backbone.registry import load_registry, models_root, verified_model_path
-from diffugts_core.backbone.training import caption, healthy_training_slices, random_crops, train_foundation
+from diffugts_core.training.foundation import (caption, healthy_training_slices, native_bf16, random_crops,
+                                             train_foundation)
 
 from .test_backbone import TINY
 
@@ -37,9 +39,9 @@ def test_a_case_with_a_tumor_never_reaches_the_training_set(monkeypatch):
 
 def test_caption_names_the_organs_in_view():
     labels = np.zeros((128, 128), np.uint8)
-    labels[10:40, 10:40] = phantoms.ORGAN_LABELS["liver"]
-    labels[50:60, 50:60] = phantoms.ORGAN_LABELS["kidney_left"]
-    labels[70:72, 70:72] = phantoms.ORGAN_LABELS["spleen"]  # 4 voxels: not "in view"
+    labels[10:40, 10:40] = vocabulary.ORGAN_LABELS["liver"]
+    labels[50:60, 50:60] = vocabulary.ORGAN_LABELS["kidney_left"]
+    labels[70:72, 70:72] = vocabulary.ORGAN_LABELS["spleen"]  # 4 voxels: not "in view"
     assert caption(labels, "abdomen", "CT") == "a CT scan of the abdomen showing liver, kidneys"
 
 
@@ -64,6 +66,9 @@ def test_tiny_training_writes_a_loadable_model_and_resumes(tmp_path):
     assert backbone.scaling_factor != 1.0  # set from the latents' spread
     assert backbone.config.extra["data_cases"][0].startswith("healthy_")
     assert "healthy" in (out / "README.md").read_text()
+    # bf16 left to the machine: used only where the CPU computes it natively, and the card says which
+    assert backbone.config.extra["training"]["bf16"] is native_bf16()
+    assert f"bf16 autocast: {native_bf16()}." in (out / "README.md").read_text()
     state = json.loads((out / "checkpoints" / "state.json").read_text())
     assert state["vae_step"] == 2 and state["unet_step"] == 2
     longer = replace(TINY, unet_steps=3, crop_fraction=1.0, crop_min=4)  # fine-tuned on crops from step 2

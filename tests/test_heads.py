@@ -8,22 +8,14 @@ import torch
 
 from diffugts_core import heads as heads_module
 from diffugts_core import phantoms
+from diffugts_core import vocabulary
 from diffugts_core.backbone import load_backbone
 from diffugts_core.aova import LESION_ORGANS, AOVAHead, build_prompt_set, prompt_targets
-from diffugts_core.heads import (
-    SETTINGS,
-    HeadsConfig,
-    SliceBank,
-    TrainedHeads,
-    evaluate_heads,
-    feature_probe,
-    run_aova,
-    setting_categories,
-    split_cases,
-    train_heads,
-    training_fit,
-)
+from diffugts_core.aova import run_aova
+from diffugts_core.heads import (HeadsConfig, SETTINGS, SliceBank, TrainedHeads, evaluate_heads, feature_probe,
+                                 setting_categories, split_cases, train_heads, training_fit)
 from diffugts_core.text import TextEncoder
+from diffugts_core.training import recipes
 
 from .test_backbone import tiny_backbone
 
@@ -50,7 +42,7 @@ def trained(backbone, text_encoder):
 def test_settings_split_categories_as_the_protocol_says():
     assert setting_categories("seen-unseen") == (("liver", "kidney", "pancreas"), ("lung", "colon", "hepatic_vessel"))
     assert setting_categories("loo-colon")[1] == ("colon",) and "colon" not in setting_categories("loo-colon")[0]
-    assert setting_categories("ct-mri") == (phantoms.CT_CATEGORIES, ("brain",))
+    assert setting_categories("ct-mri") == (vocabulary.CT_CATEGORIES, ("brain",))
     assert len(SETTINGS) == 8
 
 
@@ -84,7 +76,7 @@ def test_a_leak_in_the_data_loader_is_caught(monkeypatch, text_encoder):
 
 def test_a_prompt_outside_the_set_is_never_a_target(text_encoder):
     prompts = build_prompt_set(text_encoder, "CT", ["liver"])
-    organs = np.full((4, 4), phantoms.ORGAN_LABELS["lung_right"])
+    organs = np.full((4, 4), vocabulary.ORGAN_LABELS["lung_right"])
     tumor = np.zeros((4, 4), bool)
     tumor[1, 1] = True
     with pytest.raises(ValueError, match="held out"):
@@ -99,9 +91,9 @@ def test_synthetic_anomalies_come_from_no_category():
                                                                np.random.default_rng(0))
     assert mask.any() and organ in ("liver", "spleen", "kidney", "pancreas", "lung", "colon")
     assert np.array_equal(image[~mask], case.image[~mask])
-    from diffugts_core.aova import ORGAN_KEYS
+    from diffugts_core.vocabulary import ORGAN_KEYS
 
-    organ_voxels = np.isin(case.organs, [phantoms.ORGAN_LABELS[n] for n in ORGAN_KEYS["CT"][organ]])
+    organ_voxels = np.isin(case.organs, [vocabulary.ORGAN_LABELS[n] for n in ORGAN_KEYS["CT"][organ]])
     assert mask[~organ_voxels].sum() == 0  # inside its organ only
     assert abs(image[mask].mean() - np.median(case.image[organ_voxels])) > 15  # not the organ's own intensity
 
@@ -203,7 +195,7 @@ def _probe_bank(sign_in_scored_cases: float, signal: float = 2.0) -> SliceBank:
     every other case) and sign_in_scored_cases * signal on the lesion in b and d; all else is noise."""
     generator = torch.Generator().manual_seed(0)
     organs = torch.zeros(8, 16, 16, dtype=torch.int16)
-    organs[:, 2:14, 2:14] = phantoms.ORGAN_LABELS["liver"]
+    organs[:, 2:14, 2:14] = vocabulary.ORGAN_LABELS["liver"]
     lesions = torch.zeros(8, 16, 16, dtype=torch.int8)
     lesions[:, 4:10, 6:12] = 1 + LESION_ORGANS.index("liver")
     cases = [c for c in "abcd" for _ in range(2)]
@@ -222,3 +214,32 @@ def test_feature_probe_scores_on_cases_it_was_not_fitted_on():
     assert flipped["auroc"] < 0.05
     noise, = feature_probe(_probe_bank(+1.0, signal=0.0))
     assert 0.3 < noise["auroc"] < 0.7
+
+
+def test_train_or_reuse_heads_reuses_a_match_and_retrains_with_the_residual_heads_dropped(tmp_path, monkeypatch):
+    trained = []
+
+    class Saved:
+        def __init__(self, config):
+            self.config = config
+
+        def save(self, folder):
+            (folder / "heads.json").write_text(str(self.config.seed))
+
+    def train(backbone, text_encoder, config, progress=True):
+        trained.append(config.seed)
+        return Saved(config)
+
+    monkeypatch.setattr(recipes, "train_heads", train)
+    monkeypatch.setattr(recipes, "cached_heads", lambda folder, config: Saved(config) if (
+        folder / "heads.json").is_file() and (folder / "heads.json").read_text() == str(config.seed) else None)
+    for name in ("residual.json", "residual.safetensors", "residual_MRI.json", "residual_MRI.safetensors", "notes.md"):
+        (tmp_path / name).write_text("x")
+    config = heads_module.HeadsConfig(seed=1)
+    assert recipes.train_or_reuse_heads(tmp_path, config, None, None).config == config
+    assert trained == [1] and sorted(p.name for p in tmp_path.iterdir()) == ["heads.json", "notes.md"]
+    (tmp_path / "residual.json").write_text("x")  # a residual head trained on these heads stays
+    recipes.train_or_reuse_heads(tmp_path, config, None, None)
+    assert trained == [1] and (tmp_path / "residual.json").is_file()
+    recipes.train_or_reuse_heads(tmp_path, replace(config, seed=2), None, None)
+    assert trained == [1, 2] and not (tmp_path / "residual.json").exists()

@@ -44,7 +44,7 @@ def test_inpainting_changes_only_masked_pixels_of_masked_slices():
 
 @pytest.mark.slow
 def test_shipped_model_moves_a_liver_tumor_toward_healthy_liver():
-    from diffugts_core.backbone.quality import pseudo_healthy_test
+    from diffugts_core.experiments.foundation_check import pseudo_healthy_test
     from diffugts_core.text import TextEncoder
 
     backbone = load_backbone(device="cpu")
@@ -57,7 +57,7 @@ def test_shipped_model_moves_a_liver_tumor_toward_healthy_liver():
 
 
 def test_check_foundation_report_has_every_section():
-    from diffugts_core.backbone.quality import check_foundation, format_report
+    from diffugts_core.experiments.foundation_check import check_foundation, format_report
     from diffugts_core.text import TextEncoder
 
     backbone = tiny_backbone()

@@ -27,7 +27,7 @@ from diffugts_core.manifests import (
     parse_spacing,
     setting_role,
 )
-from diffugts_core.phantoms import ORGAN_LABELS
+from diffugts_core.vocabulary import ORGAN_LABELS
 
 EXPECTED_MANIFESTS = {
     "msd_task01_brain_tumour": "brain",

@@ -27,11 +27,12 @@ def test_committed_notebook_is_clean(path):
     assert "sys.path" not in source and ".cuda(" not in source
 
 
-def _execute(path: Path, output_dir: Path) -> nbformat.NotebookNode:
+def _execute(path: Path, output_dir: Path, **parameters) -> nbformat.NotebookNode:
     papermill = pytest.importorskip("papermill")
     EXECUTED.mkdir(parents=True, exist_ok=True)
     executed = EXECUTED / path.name
-    papermill.execute_notebook(str(path), str(executed), parameters={"SMOKE": True, "OUTPUT_DIR": str(output_dir)},
+    papermill.execute_notebook(str(path), str(executed),
+                               parameters={"SMOKE": True, "OUTPUT_DIR": str(output_dir), **parameters},
                                kernel_name="python3", cwd=str(ROOT), progress_bar=False)
     notebook = nbformat.read(executed, as_version=4)
     pictures = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
@@ -99,7 +100,11 @@ def test_00_quickstart(tmp_path):
     _execute(ROOT / "notebooks" / "00_quickstart.ipynb", tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["case"] == "hepatic_vessel_000" and summary["organ"] == "liver"  # unseen by the shipped heads
-    assert summary["dsc"] > 0.2 and summary["mask_voxels"] > 0  # the mask lies on the tumor
+    # the quickstart's case is test case hepatic_vessel_000 of the regression gate's fixed set: its DSC is the gated
+    # figure for that case, within the gate's per-case tolerance
+    gate = json.loads((ROOT / "notebooks" / "regression" / "baseline.json").read_text())
+    gated = gate["metrics"]["by_case"]["hepatic_vessel_000"]["dsc"]
+    assert summary["dsc"] == pytest.approx(gated, abs=gate["tolerance"]["case"]) and summary["mask_voxels"] > 0
     assert Path(summary["mask_file"]).is_file() and "inpainting" in summary["timings"]
 
 
@@ -126,19 +131,17 @@ def test_06_residual_refinement(tmp_path):
 
 
 @pytest.mark.notebook
-def test_07_zero_shot_benchmark(tmp_path):
-    from diffugts_core.benchmark import METHODS
+def test_07_zero_shot_benchmark(tmp_path, quick_benchmark):
+    """Notebook 07 on the quick benchmark's results (the regression notebook's run, so CI runs the benchmark once);
+    the cases it shows are run again in the notebook and must give the table's DSC."""
+    from diffugts_core.experiments.zero_shot import METHODS
 
-    _execute(ROOT / "notebooks" / "07_zero_shot_benchmark.ipynb", tmp_path)
+    _execute(ROOT / "notebooks" / "07_zero_shot_benchmark.ipynb", tmp_path, RESULTS=str(quick_benchmark))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["setting"] == "seen-unseen" and summary["cases"] == 3  # smoke: one case per unseen category
-    assert summary["methods"] == list(METHODS)
-    assert summary["shown"] == {"best": "hepatic_vessel_000", "worst": "lung_000"}
-    assert (tmp_path / "table.md").is_file()
-    results = json.loads((tmp_path / "results.json").read_text())
-    # smoke, measured: hepatic_vessel_000 full DSC 0.439; mean full 0.146 against AOVA 0.083, reconstruction 0.038
-    # and the non-generative fill 0.130
-    vessel = next(c for c in results["per_case"] if c["case"] == "hepatic_vessel_000")
-    assert vessel["dsc_full"] > 0.35
-    mean = results["mean_unseen"]
-    assert all(mean["dsc_full"] > mean[f"dsc_{m}"] for m in ("aova", "reconstruction", "nongenerative_fill")), mean
+    results = json.loads((quick_benchmark / "results.json").read_text())
+    assert summary["setting"] == "seen-unseen" and summary["cases"] == len(results["per_case"]) == 6
+    assert summary["methods"] == list(METHODS) and summary["mean_unseen"] == results["mean_unseen"]
+    ranked = sorted(results["per_case"], key=lambda row: row["dsc_full"])
+    assert summary["shown"] == {"worst": ranked[0]["case"], "best": ranked[-1]["case"]}
+    assert summary["shown_dsc_recomputed"] == {"worst": ranked[0]["dsc_full"], "best": ranked[-1]["dsc_full"]}
+    assert ranked[-1]["dsc_full"] > 0  # the best case shown has a mask on its tumor

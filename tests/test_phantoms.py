@@ -9,7 +9,8 @@ from scipy import ndimage
 
 from diffugts_core import phantoms
 from diffugts_core.io import load_volume
-from diffugts_core.phantoms import CATEGORIES, CATEGORY_ORGANS, ORGAN_LABELS, generate_case, generate_cohort
+from diffugts_core.phantoms import generate_case, generate_cohort
+from diffugts_core.vocabulary import CATEGORIES, ORGAN_LABELS, category_organ_labels
 
 from .conftest import SMALL_SHAPE
 
@@ -74,7 +75,7 @@ def test_tumor_appearance_models_are_distinct():
     expected_sign = {"liver": -1, "hepatic_vessel": -1, "pancreas": -1, "lung": +1, "colon": +1}
     for category, sign in expected_sign.items():
         case = generate_case(category, 1, 0)
-        organ = np.isin(case.organs, [ORGAN_LABELS[name] for name in CATEGORY_ORGANS[category]])
+        organ = np.isin(case.organs, [ORGAN_LABELS[name] for name in category_organ_labels(category)])
         tumor = case.tumor.astype(bool) & organ
         assert tumor.sum() > 20, category
         assert np.sign(case.image[tumor].mean() - case.healthy[tumor].mean()) == sign, category

@@ -132,7 +132,7 @@ def test_mri_cases_get_the_mri_head_and_a_folder_without_one_serves_them_with_it
     import shutil
     from dataclasses import replace
 
-    from diffugts_core.benchmark import pipeline_thresholds
+    from diffugts_core.experiments.zero_shot import pipeline_thresholds
     from diffugts_core.heads import TrainedHeads, heads_folder
     from diffugts_core.io import InputError
     from diffugts_core.residual import load_modality_heads
@@ -191,7 +191,7 @@ def test_evaluate_refinement_reports_every_unseen_category_and_the_pseudo_health
 
 
 def test_window_study_compares_paths_on_validation_cases_only(pipeline):
-    from diffugts_core.benchmark import format_window_study, window_study
+    from diffugts_core.experiments.speed import format_window_study, window_study
     from diffugts_core.heads import role_categories
 
     report = window_study(pipeline, per_category=1, variants=((2, 4),), steps=2)
@@ -206,7 +206,7 @@ def test_window_study_compares_paths_on_validation_cases_only(pipeline):
 
 
 def test_speed_report_bounds_the_window_speed_up_by_what_both_paths_pay():
-    from diffugts_core.benchmark import codec_seconds, format_speed_report
+    from diffugts_core.experiments.speed import codec_seconds, format_speed_report
 
     from .test_backbone import tiny_backbone
 

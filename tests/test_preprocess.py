@@ -7,6 +7,7 @@ import pytest
 from diffugts_core.io import InputError, Volume, load_volume, save_volume
 from diffugts_core.metrics import dice as dice_score
 from diffugts_core.preprocess import SpatialConfig, normalize_mri, plan_spatial, unwindow_ct, window_ct
+from diffugts_core.vocabulary import ORGAN_LABELS
 
 RAS = np.diag([1.5, 1.5, 3.0, 1.0])
 LPS = np.diag([-1.5, -1.5, 3.0, 1.0])
@@ -112,7 +113,7 @@ def test_body_mask_fills_the_lungs_and_leaves_the_air_outside():
 
     case = phantoms.generate_case("healthy", 0, 1, (64, 64, 32), region="thorax")
     body = body_mask(case.image, "CT")
-    lungs = np.isin(case.organs, [phantoms.ORGAN_LABELS["lung_right"], phantoms.ORGAN_LABELS["lung_left"]])
+    lungs = np.isin(case.organs, [ORGAN_LABELS["lung_right"], ORGAN_LABELS["lung_left"]])
     assert body[lungs].mean() > 0.99  # air inside the chest is body
     assert (body == (case.organs > 0)).mean() > 0.98
     assert not body[0, 0, :].any()  # the corner of the field of view is outside air

@@ -8,23 +8,13 @@ import torch
 
 from diffugts_core import phantoms
 from diffugts_core import residual as residual_module
+from diffugts_core import vocabulary
 from diffugts_core.detect import Detection, Region
 from diffugts_core.inpaint import InpaintConfig, inpaint_slices, lesion_windows
 from diffugts_core.io import InputError
-from diffugts_core.residual import (
-    ResidualConfig,
-    ResidualHead,
-    Residuals,
-    TrainedResidualHead,
-    RefinementThresholds,
-    _dice_bce,
-    coarse_roi,
-    feature_residual,
-    final_mask,
-    fusion_map,
-    inpaint_region,
-    pixel_residual,
-)
+from diffugts_core.inpaint import coarse_roi, inpaint_region
+from diffugts_core.residual import (RefinementThresholds, ResidualConfig, ResidualHead, Residuals, TrainedResidualHead,
+                                    _dice_bce, feature_residual, final_mask, fusion_map, pixel_residual)
 
 from .test_backbone import text_cond, tiny_backbone
 
@@ -149,7 +139,7 @@ def test_dice_bce_counts_only_the_roi():
 
 def test_residual_head_size_and_save_load_round_trip(tmp_path):
     head = ResidualHead(16).eval()
-    assert head.parameter_count < 10_000  # small on purpose: a 0.13 M head overfitted (docs/refinement_findings.md)
+    assert head.parameter_count < 10_000  # small on purpose: a 0.13 M head overfitted (docs/findings/refinement.md)
     x = torch.randn(2, 5, 48, 40)
     assert head(x).shape == (2, 48, 40)
     trained = TrainedResidualHead(head, RefinementThresholds(0.3, 0.6, "test"), ResidualConfig(steps=1, channels=16),
@@ -221,9 +211,9 @@ def test_a_modality_no_seen_category_is_in_gets_its_own_head_on_healthy_cases_on
     from diffugts_core.heads import SEEDS
 
     shape = (32, 32, 16)
-    ct_mri = _heads_of("ct-mri", phantoms.CT_CATEGORIES)
+    ct_mri = _heads_of("ct-mri", vocabulary.CT_CATEGORIES)
     assert residual_module.modality_regions(ct_mri) == {"MRI": ("brain",)}
-    assert residual_module.modality_regions(_heads_of("upper-bound", (*phantoms.CT_CATEGORIES, "brain"))) == {}
+    assert residual_module.modality_regions(_heads_of("upper-bound", (*vocabulary.CT_CATEGORIES, "brain"))) == {}
     cases = residual_module.modality_cases(ct_mri, "MRI", "refine", 2, shape)
     assert [(c.category, c.region, c.modality) for c in cases] == [("healthy", "brain", "MRI")] * 2
     assert all(c.tumor.sum() == 0 for c in cases)  # no tumor of any category reaches the MRI head

@@ -24,6 +24,7 @@ from scipy import ndimage
 from .. import phantoms
 from ..inpaint import InpaintConfig, enlarge_mask, healthy_conditioning, pseudo_healthy
 from ..metrics import dice
+from ..vocabulary import ORGAN_LABELS
 
 PSEUDO_HEALTHY_ORGANS = ("liver", "spleen", "kidney_right")
 GATED_ORGAN = "liver"  # the pass/fail test; spleen and kidney are reported (small: 2-4 latent cells across)
@@ -52,7 +53,7 @@ def insert_test_tumor(case, organ: str, radius_mm: float = 12.0, contrast_hu: fl
     The radius is at most half the organ's depth there, so organ tissue remains around the tumor
     (a tumor that replaces the whole organ leaves nothing to inpaint it from).
     """
-    inside = case.organs == phantoms.ORGAN_LABELS[organ]
+    inside = case.organs == ORGAN_LABELS[organ]
     depth = ndimage.distance_transform_edt(inside, sampling=case.spacing)
     centre = np.unravel_index(depth.argmax(), inside.shape)
     radius_mm = min(radius_mm, 0.5 * float(depth.max()))
@@ -67,7 +68,7 @@ def reconstruction(backbone, case) -> dict:
     intensity = backbone.intensity(case.modality, case.image)
     body = case.organs > 0
     organs = {}
-    for name, label in phantoms.ORGAN_LABELS.items():
+    for name, label in ORGAN_LABELS.items():
         inside = case.organs == label
         if label and inside.sum() >= 200:
             organs[name] = float(np.abs(recon - case.image)[inside].mean())
@@ -84,7 +85,7 @@ def healthy_inpainting(backbone, text_encoder, case, config: InpaintConfig, radi
     inpainted, _ = pseudo_healthy(backbone, case.image, "CT", disk, cond, uncond, config)
     smoothed = ndimage.gaussian_filter(inpainted, sigma=(1, 1, 0))
     truth = ndimage.gaussian_filter(case.image, sigma=(1, 1, 0))  # compare like with like: smooth both
-    liver = case.organs == phantoms.ORGAN_LABELS["liver"]
+    liver = case.organs == ORGAN_LABELS["liver"]
     mae = float(np.abs(smoothed - truth)[disk].mean())
     body_fill = float(np.abs(case.image[case.organs > 0].mean() - truth)[disk].mean())
     liver_fill = float(np.abs(case.image[liver & ~disk].mean() - truth)[disk].mean())  # the stronger baseline

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import phantoms
+from ..backbone.base import Conditioning
+from ..backbone.diffusers2d import DiffusersSliceBackbone, SliceBackboneConfig
 from ..io import write_text_atomic
 from ..text import TextEncoder, load_templates
-from .base import Conditioning
-from .diffusers2d import DiffusersSliceBackbone, SliceBackboneConfig
+from ..vocabulary import ORGAN_LABELS
 
 REGIONS = ("abdomen", "thorax", "brain")
 # organ words for captions: label names -> what a radiologist would write
@@ -58,7 +59,14 @@ class FoundationTrainingConfig:
     crop_fraction: float = 0.0
     crop_min: int = 8  # smallest crop side in latent cells (sides are multiples of 4, the UNet's down-sampling)
     checkpoint_every: int = 200
-    bf16: bool = True  # autocast on the CPU: 1.5-2.6x faster here
+    # bfloat16 autocast: 1.5-2.6x faster on a CPU that computes bf16 natively (AMX, AVX512-BF16), about 15x slower where
+    # it is emulated (AVX2); None uses it where it is native
+    bf16: bool | None = None
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (oneDNN's own check)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def build_models(config: FoundationTrainingConfig, cross_attention_dim: int):
@@ -84,7 +92,7 @@ def caption(labels_slice: np.ndarray, region: str, modality: str) -> str:
     counts = dict(zip(*np.unique(labels_slice, return_counts=True)))
     names = []
     for label_name, word in CAPTION_ORGANS.items():
-        if counts.get(phantoms.ORGAN_LABELS[label_name], 0) >= MIN_ORGAN_VOXELS and word not in names:
+        if counts.get(ORGAN_LABELS[label_name], 0) >= MIN_ORGAN_VOXELS and word not in names:
             names.append(word)
     organs = ", ".join(names) if names else "the body wall"
     return load_templates(modality).caption.format(region=region, organs=organs)
@@ -95,7 +103,7 @@ def healthy_training_slices(config: FoundationTrainingConfig, backbone_config: S
 
     Only healthy PhantomBench cases are generated here; each is checked to hold no tumor voxel.
     """
-    from .base import ct_intensity_map, mri_intensity_map
+    from ..backbone.base import ct_intensity_map, mri_intensity_map
 
     slices, captions, case_ids = [], [], []
     plan = [(region, i) for i in range(config.volumes_per_region) for region in REGIONS]
@@ -120,6 +128,8 @@ def train_foundation(out: str | Path, config: FoundationTrainingConfig = Foundat
                      resume: bool = False, progress: bool = True, command: str = "") -> Path:
     """Train VAE then UNet; write a diffusers-format model folder with a model card; return it."""
     out = Path(out)
+    if config.bf16 is None:
+        config = replace(config, bf16=native_bf16())
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -277,7 +287,7 @@ tags: [medical-imaging, latent-diffusion, phantom, diffugts]
 ---
 # Phantom foundation model (DiffuGTS kit default)
 
-A small latent diffusion model trained by `diffugts_core.backbone.training` on **healthy** synthetic
+A small latent diffusion model trained by `diffugts_core.training.foundation` on **healthy** synthetic
 PhantomBench slices only (no tumor was ever shown to it): the frozen foundation model of the DiffuGTS
 teaching kit. Not a clinical model; it knows only PhantomBench anatomy.
 

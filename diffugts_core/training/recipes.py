@@ -1,0 +1,67 @@
+"""Train-or-reuse recipes: the heads a setting needs, trained once into a folder and reused while their configuration
+holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..backbone import load_backbone
+from ..heads import HeadsConfig, TrainedHeads, cached_heads, role_categories, train_heads
+from ..pipeline import DiffuGTSPipeline
+from ..residual import (ResidualConfig, TrainedResidualHead, load_modality_heads, modality_regions,
+                        train_modality_heads, train_residual_head)
+from ..text import TextEncoder
+from ..vocabulary import category_modality
+
+
+def remove_residual_heads(folder: Path) -> None:
+    """Delete the residual heads (residual.* and residual_<modality>.*) in a heads folder: they were trained on the
+    AOVA heads that were there, and do not carry over to new ones."""
+    for stale in Path(folder).glob("residual*.*"):
+        if stale.suffix in (".json", ".safetensors"):
+            stale.unlink()
+
+
+def train_or_reuse_heads(folder: Path, config: HeadsConfig, backbone, text_encoder, *,
+                         progress: bool = True) -> TrainedHeads:
+    """The heads of ``config`` saved in ``folder``; trained and saved there first when missing or trained with
+    another configuration (which also drops the residual heads trained on the old ones)."""
+    heads = cached_heads(folder, config)
+    if heads is None:
+        heads = train_heads(backbone, text_encoder, config, progress=progress)
+        heads.save(folder)
+        remove_residual_heads(folder)
+    return heads
+
+
+def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool = False):
+    """The pipeline with the heads of ``setting``: the `train-heads` folder ``heads_cache/<setting>`` (the same cache
+    as `evaluate-aova --heads-cache`), trained there first (AOVA heads, then the residual heads: the MRI head only
+    where the setting's test cases are MRI) when it is missing or was trained with another configuration than the
+    defaults; for seen -> unseen, the shipped heads unless that folder exists. The residual heads' pseudo-healthy
+    training images are cached in ``heads_cache/pseudo_healthy``."""
+    if setting == "seen-unseen" and (heads_cache is None or not (Path(heads_cache) / setting).is_dir()):
+        return DiffuGTSPipeline.from_pretrained()
+    if heads_cache is None:
+        raise ValueError(f"setting {setting} needs its own heads: pass --heads-cache DIR, where they are trained once "
+                         "(about 15 min per setting on 2 cores) and reused")
+    folder = Path(heads_cache) / setting
+    config = HeadsConfig(setting=setting)
+    backbone = load_backbone()
+    text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
+    heads = train_or_reuse_heads(folder, config, backbone, text_encoder, progress=progress)
+    cache = Path(heads_cache) / "pseudo_healthy"
+    if not (folder / "residual.json").is_file() or TrainedResidualHead.load(folder).config != ResidualConfig():
+        train_residual_head(heads, backbone, text_encoder, cache=cache, progress=progress).save(folder)
+    needed = set(modality_regions(heads)) & evaluated_modalities(setting)  # MRI for ct-mri; none for the CT settings
+    modality_heads = load_modality_heads(folder)
+    if any(m not in modality_heads or modality_heads[m].config != ResidualConfig() for m in needed):
+        for head in train_modality_heads(heads, backbone, text_encoder, cache=cache, progress=progress):
+            head.save(folder)
+    return DiffuGTSPipeline.from_pretrained(folder)
+
+
+def evaluated_modalities(setting: str) -> set[str]:
+    """The modalities of a setting's unseen (test) categories."""
+    return {category_modality(category) for category in role_categories(setting, "unseen")}
+
