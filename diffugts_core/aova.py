@@ -182,6 +182,7 @@ def volume_features(backbone, image: np.ndarray, modality: str, batch: int = 32)
     chunks = [backbone.encode_features(x[i:i + batch]) for i in range(0, len(x), batch)]
     return [torch.cat([c[l] for c in chunks]).cpu() for l in range(3)]
 
+
 @dataclass
 class AOVAResult:
     """AOVA on one volume: the prompt set, the maps, S and the organ probability on the volume grid."""
@@ -191,6 +192,7 @@ class AOVAResult:
     anomaly: np.ndarray  # (X, Y, Z)
     organ_probability: np.ndarray  # (X, Y, Z)
     body: np.ndarray  # (X, Y, Z) bool, from the image (the maps are not trained outside the body)
+
 
 @torch.no_grad()
 def run_aova(heads, backbone, text_encoder, image: np.ndarray, modality: str, organ: str, *,

@@ -107,11 +107,13 @@ def find_regions(heads, aova: AOVAResult, thresholds: DetectionThresholds,
     detection.case_score = max((r.probability * r.mean_s for r in detection.regions), default=0.0)
     return detection
 
+
 def detect_case(heads, backbone, text_encoder, image: np.ndarray, modality: str, organ: str, *,
                 prompt: str | None = None, organ_mask: np.ndarray | None = None, features=None) -> Detection:
     """AOVA, then region-level detection with the heads' validated thresholds."""
     aova = run_aova(heads, backbone, text_encoder, image, modality, organ, prompt=prompt, features=features)
     return find_regions(heads, aova, heads.thresholds, organ_mask)
+
 
 @dataclass
 class VolumeDetection:
@@ -123,6 +125,7 @@ class VolumeDetection:
     anomaly: np.ndarray  # S on the input grid
     organ_probability: np.ndarray  # on the input grid
     kept: np.ndarray  # regions judged abnormal, on the input grid (bool)
+
 
 def detect_volume(heads, backbone, text_encoder, volume, modality: str, organ: str, *,
                   prompt: str | None = None, organ_mask=None) -> VolumeDetection:

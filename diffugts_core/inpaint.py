@@ -282,6 +282,7 @@ def inpaint_region(backbone, text_encoder, image: np.ndarray, modality: str, reg
             np.savez_compressed(tmp, healthy=healthy.astype(np.float32), spread=spread.astype(np.float32))
     return healthy, spread
 
+
 def _cache_key(backbone, image, roi, modality, region, organ, config: InpaintConfig) -> str:
     digest = hashlib.sha256()
     for array in (np.ascontiguousarray(image, np.float32), np.ascontiguousarray(roi, bool)):
@@ -292,6 +293,7 @@ def _cache_key(backbone, image, roi, modality, region, organ, config: InpaintCon
     return digest.hexdigest()[:32]
 
 _FINGERPRINTS = weakref.WeakKeyDictionary()  # one hash per loaded backbone
+
 
 def model_fingerprint(backbone) -> str:
     """sha256 of the frozen model's weights (what a cached pseudo-healthy image depends on): every torch module the
@@ -305,6 +307,7 @@ def model_fingerprint(backbone) -> str:
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         _FINGERPRINTS[backbone] = digest.hexdigest()
     return _FINGERPRINTS[backbone]
+
 
 def coarse_roi(detection, spacing, margin_mm: float) -> np.ndarray:
     """Every candidate region (kept by the region head or not: the residual head is the second filter), enlarged."""

@@ -104,7 +104,7 @@ def make_files(folder: Path) -> None:
     """The inputs every case may use, written into ``folder``."""
     import gzip
 
-    from diffugts_core import phantoms
+    from diffugts_core.data import phantoms
     from diffugts_core.io import save_volume
 
     case = phantoms.generate_case("liver", 0, 3000, (64, 64, 32))

@@ -8,7 +8,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
 
-from diffugts_core import phantoms  # noqa: E402
+from diffugts_core.data import phantoms  # noqa: E402
 from diffugts_core import vocabulary  # noqa: E402
 
 SMALL_SHAPE = (64, 64, 32)

@@ -26,7 +26,7 @@ def test_docs_table_is_the_catalogue(outcomes):
 
 
 def test_output_paths_are_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    from diffugts_core import phantoms
+    from diffugts_core.data import phantoms
     from diffugts_core.cli import main
     from diffugts_core.io import save_volume
     from diffugts_core.pipeline import DiffuGTSPipeline

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from diffugts_core import phantoms
+from diffugts_core.data import phantoms
 from diffugts_core.cli import build_parser, main
 from diffugts_core.io import load_volume, save_volume
 from diffugts_core.metrics import dice

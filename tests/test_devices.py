@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import diffugts_core as dg
-from diffugts_core import phantoms
+from diffugts_core.data import phantoms
 from diffugts_core.inpaint import InpaintConfig, enlarge_mask, healthy_conditioning, pseudo_healthy
 from diffugts_core.runtime import resolve_device
 

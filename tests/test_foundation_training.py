@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffugts_core import phantoms
+from diffugts_core.data import phantoms
 from diffugts_core import vocabulary
 from diffugts_core.backbone import DEFAULT_MODEL, DiffusersSliceBackbone, SliceBackboneConfig
 from diffugts_core.backbone.registry import load_registry, models_root, verified_model_path
@@ -95,6 +95,6 @@ def test_shipped_model_saw_no_tumor():
     cases = config["extra"]["data_cases"]
     assert cases and all(c.startswith("healthy_") for c in cases)
     # its data seed is none of the seeds the heads train, validate or test on, so no case it saw is a case scored later
-    from diffugts_core.heads import SEEDS
+    from diffugts_core.data.splits import SEEDS
 
     assert config["extra"]["training"]["data_seed"] not in SEEDS.values()

@@ -7,14 +7,17 @@ import pytest
 import torch
 
 from diffugts_core import heads as heads_module
-from diffugts_core import phantoms
+from diffugts_core.data import phantoms
 from diffugts_core import vocabulary
 from diffugts_core.backbone import load_backbone
 from diffugts_core.aova import LESION_ORGANS, AOVAHead, build_prompt_set, prompt_targets
 from diffugts_core.aova import run_aova
-from diffugts_core.heads import (HeadsConfig, SETTINGS, SliceBank, TrainedHeads, evaluate_heads, feature_probe,
-                                 setting_categories, split_cases, train_heads, training_fit)
+from diffugts_core.experiments.aova import evaluate_heads, feature_probe, training_fit
+from diffugts_core.data.splits import SETTINGS, setting_categories, split_cases
+from diffugts_core.heads import HeadsConfig, TrainedHeads
+from diffugts_core.training.heads import SliceBank, train_heads
 from diffugts_core.text import TextEncoder
+from diffugts_core.training import heads as training_heads
 from diffugts_core.training import recipes
 
 from .test_backbone import tiny_backbone
@@ -63,13 +66,13 @@ def test_held_out_categories_never_reach_training_or_validation(setting):
 
 
 def test_a_leak_in_the_data_loader_is_caught(monkeypatch, text_encoder):
-    real = heads_module.split_cases
+    real = training_heads.split_cases
 
     def leaky(setting, split, config, shape):
         yield from real(setting, split, config, shape)
         yield phantoms.generate_case("lung", 0, 1, shape)  # unseen in seen-unseen
 
-    monkeypatch.setattr(heads_module, "split_cases", leaky)
+    monkeypatch.setattr(training_heads, "split_cases", leaky)
     with pytest.raises(RuntimeError, match="not seen in seen-unseen but reached its training set"):
         train_heads(tiny_backbone(), text_encoder, replace(TINY_HEADS, steps=1), progress=False, shape=SHAPE)
 
@@ -87,8 +90,8 @@ def test_a_prompt_outside_the_set_is_never_a_target(text_encoder):
 
 def test_synthetic_anomalies_come_from_no_category():
     case = phantoms.generate_case("healthy", 0, 5, SHAPE, region="thorax")
-    image, mask, organ = heads_module.insert_synthetic_anomaly(case.image, case.organs, "CT", case.spacing,
-                                                               np.random.default_rng(0))
+    image, mask, organ = training_heads.insert_synthetic_anomaly(case.image, case.organs, "CT", case.spacing,
+                                                                 np.random.default_rng(0))
     assert mask.any() and organ in ("liver", "spleen", "kidney", "pancreas", "lung", "colon")
     assert np.array_equal(image[~mask], case.image[~mask])
     from diffugts_core.vocabulary import ORGAN_KEYS

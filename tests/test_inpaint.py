@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffugts_core import phantoms
+from diffugts_core.data import phantoms
 from diffugts_core.backbone import Conditioning, load_backbone
 from diffugts_core.inpaint import InpaintConfig, enlarge_mask, inpaint_slices, latent_mask
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from diffugts_core.io import CaseRecord, InputError
-from diffugts_core.manifests import (
+from diffugts_core.data.manifests import (
     CT_CATEGORIES,
     MANIFEST_PACKAGE,
     REQUIRED_KEYS,
@@ -106,7 +106,7 @@ def test_label_conventions_per_dataset():
 def test_phantombench_manifest_describes_the_generator():
     manifest = load_manifest("phantombench")
     assert manifest.kind == "synthetic" and manifest.layout == "phantombench"
-    assert manifest.generator == {"module": "diffugts_core.phantoms", "version": 1}
+    assert manifest.generator == {"module": "diffugts_core.data.phantoms", "version": 1}
     assert set(CT_CATEGORIES) | {"brain"} <= set(manifest.categories)
     assert "diffugts phantoms --out" in manifest.source["download"]
     assert "Apache-2.0" in manifest.licence

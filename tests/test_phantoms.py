@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from diffugts_core import phantoms
+from diffugts_core.data import phantoms
 from diffugts_core.io import load_volume
-from diffugts_core.phantoms import generate_case, generate_cohort
+from diffugts_core.data.phantoms import generate_case, generate_cohort
 from diffugts_core.vocabulary import CATEGORIES, ORGAN_LABELS, category_organ_labels
 
 from .conftest import SMALL_SHAPE

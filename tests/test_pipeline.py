@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from diffugts_core import phantoms
+from diffugts_core.data import phantoms
 from diffugts_core.cli import main
 from diffugts_core.io import load_volume, save_volume
 from diffugts_core.metrics import dice
@@ -192,7 +192,7 @@ def test_evaluate_refinement_reports_every_unseen_category_and_the_pseudo_health
 
 def test_window_study_compares_paths_on_validation_cases_only(pipeline):
     from diffugts_core.experiments.speed import format_window_study, window_study
-    from diffugts_core.heads import role_categories
+    from diffugts_core.data.splits import role_categories
 
     report = window_study(pipeline, per_category=1, variants=((2, 4),), steps=2)
     seen = role_categories(pipeline.heads.setting, "seen")

@@ -108,7 +108,7 @@ def test_mri_percentile_normalisation():
 
 
 def test_body_mask_fills_the_lungs_and_leaves_the_air_outside():
-    from diffugts_core import phantoms
+    from diffugts_core.data import phantoms
     from diffugts_core.preprocess import body_mask
 
     case = phantoms.generate_case("healthy", 0, 1, (64, 64, 32), region="thorax")

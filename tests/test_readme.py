@@ -240,7 +240,7 @@ def test_quickstart_reads_only_attributes_its_objects_have():
     case and the result must exist."""
     from dataclasses import fields
 
-    from diffugts_core.phantoms import PhantomCase
+    from diffugts_core.data.phantoms import PhantomCase
     from diffugts_core.pipeline import SegmentationResult
 
     tree = ast.parse(_quickstart())

@@ -10,7 +10,7 @@ import pytest
 
 from dataclasses import asdict, replace
 
-from diffugts_core import phantoms
+from diffugts_core.data import phantoms
 from diffugts_core import vocabulary
 from diffugts_core.cli import main
 from diffugts_core.experiments.gate import gate_failures, regression_metrics
@@ -18,7 +18,7 @@ from diffugts_core.experiments.zero_shot import (METHODS, ZeroShotConfig, add_su
                                                  benchmark_settings, case_masks, case_row, combine_settings,
                                                  format_table, pipeline_thresholds, reusable_results,
                                                  supervised_setting, write_benchmark)
-from diffugts_core.heads import SEEDS, role_categories
+from diffugts_core.data.splits import SEEDS, role_categories
 from diffugts_core.residual import ResidualConfig, TrainedResidualHead
 from diffugts_core.training import recipes
 from diffugts_core.training.recipes import evaluated_modalities, setting_pipeline

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffugts_core import phantoms
+from diffugts_core.data import phantoms
 from diffugts_core import residual as residual_module
 from diffugts_core import vocabulary
 from diffugts_core.detect import Detection, Region
-from diffugts_core.inpaint import InpaintConfig, inpaint_slices, lesion_windows
+from diffugts_core.inpaint import InpaintConfig, coarse_roi, inpaint_region, inpaint_slices, lesion_windows
 from diffugts_core.io import InputError
-from diffugts_core.inpaint import coarse_roi, inpaint_region
 from diffugts_core.residual import (RefinementThresholds, ResidualConfig, ResidualHead, Residuals, TrainedResidualHead,
-                                    _dice_bce, feature_residual, final_mask, fusion_map, pixel_residual)
+                                    feature_residual, final_mask, fusion_map, pixel_residual)
+from diffugts_core.training import residual as training_residual
+from diffugts_core.training.residual import _dice_bce
 
 from .test_backbone import text_cond, tiny_backbone
 
@@ -176,11 +177,11 @@ def test_a_leak_in_the_residual_training_data_is_caught(monkeypatch):
     def leaky(setting, split, config, shape):
         yield phantoms.generate_case("lung", 0, 1, (32, 32, 16))  # unseen in seen-unseen
 
-    monkeypatch.setattr(residual_module, "split_cases", leaky)
+    monkeypatch.setattr(training_residual, "split_cases", leaky)
     heads = type("Heads", (), {"setting": "seen-unseen", "seen": ("liver", "kidney", "pancreas"),
                                "config": HeadsConfig()})()
     with pytest.raises(RuntimeError, match="lung"):
-        residual_module.train_residual_head(heads, None, None, progress=False)
+        training_residual.train_residual_head(heads, None, None, progress=False)
 
 
 def test_train_residual_head_on_a_small_refine_split_validates_its_thresholds(tmp_path):
@@ -192,7 +193,7 @@ def test_train_residual_head_on_a_small_refine_split_validates_its_thresholds(tm
     heads.config = replace(heads.config, train_per_category=1, healthy_per_region=1, validation_per_category=1)
     backbone, text_encoder = load_backbone(device="cpu"), TextEncoder.from_pretrained(device="cpu")
     config = ResidualConfig(steps=5, inpaint=InpaintConfig(steps=3))
-    trained = residual_module.train_residual_head(heads, backbone, text_encoder, config, cache=tmp_path / "cache",
+    trained = training_residual.train_residual_head(heads, backbone, text_encoder, config, cache=tmp_path / "cache",
                                                   progress=False, shape=(128, 128, 16))
     assert trained.setting == "seen-unseen" and trained.config == config
     assert trained.thresholds.provenance.startswith("validation split of seen categories (seed 2001, 3 tumor cases)")
@@ -208,20 +209,20 @@ def _heads_of(setting, seen):
 
 
 def test_a_modality_no_seen_category_is_in_gets_its_own_head_on_healthy_cases_only():
-    from diffugts_core.heads import SEEDS
+    from diffugts_core.data.splits import SEEDS
 
     shape = (32, 32, 16)
     ct_mri = _heads_of("ct-mri", vocabulary.CT_CATEGORIES)
-    assert residual_module.modality_regions(ct_mri) == {"MRI": ("brain",)}
-    assert residual_module.modality_regions(_heads_of("upper-bound", (*vocabulary.CT_CATEGORIES, "brain"))) == {}
-    cases = residual_module.modality_cases(ct_mri, "MRI", "refine", 2, shape)
+    assert training_residual.modality_regions(ct_mri) == {"MRI": ("brain",)}
+    assert training_residual.modality_regions(_heads_of("upper-bound", (*vocabulary.CT_CATEGORIES, "brain"))) == {}
+    cases = training_residual.modality_cases(ct_mri, "MRI", "refine", 2, shape)
     assert [(c.category, c.region, c.modality) for c in cases] == [("healthy", "brain", "MRI")] * 2
     assert all(c.tumor.sum() == 0 for c in cases)  # no tumor of any category reaches the MRI head
     assert np.array_equal(cases[1].image, phantoms.generate_case("healthy", 1, SEEDS["refine"], shape,
                                                                  region="brain").image)
-    validation = residual_module.modality_cases(ct_mri, "MRI", "validation", 1, shape)[0]
+    validation = training_residual.modality_cases(ct_mri, "MRI", "validation", 1, shape)[0]
     assert not np.array_equal(validation.image, cases[0].image)  # another seed: validation is not training
-    assert residual_module.train_modality_heads(ct_mri, None, None, ResidualConfig(modality_healthy=0),
+    assert training_residual.train_modality_heads(ct_mri, None, None, ResidualConfig(modality_healthy=0),
                                                 progress=False) == []
 
 
@@ -233,7 +234,7 @@ def test_train_modality_heads_writes_an_mri_head_thresholded_on_synthetic_anomal
     heads = load_heads()
     backbone, text_encoder = load_backbone(device="cpu"), TextEncoder.from_pretrained(device="cpu")
     config = ResidualConfig(steps=5, modality_healthy=1, modality_validation=1, inpaint=InpaintConfig(steps=3))
-    (trained,) = residual_module.train_modality_heads(heads, backbone, text_encoder, config, progress=False,
+    (trained,) = training_residual.train_modality_heads(heads, backbone, text_encoder, config, progress=False,
                                                       shape=(128, 128, 16))
     assert (trained.modality, trained.setting, trained.config) == ("MRI", "seen-unseen", config)
     assert trained.thresholds.provenance.startswith(

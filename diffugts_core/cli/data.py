@@ -30,7 +30,8 @@ def add_phantoms(subparsers) -> None:
 
 
 def _run_phantoms(args) -> int:
-    from .. import phantoms, viz
+    from .. import viz
+    from ..data import phantoms
 
     categories = _categories(args.categories)
     if args.per_category < 0 or args.healthy < 0:
@@ -50,7 +51,7 @@ def _run_phantoms(args) -> int:
 
 
 def _categories(text: str) -> list[str]:
-    from ..phantoms import CATEGORIES
+    from ..data.phantoms import CATEGORIES
 
     categories = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in categories if c not in CATEGORIES]
@@ -105,7 +106,7 @@ def add_manifests(subparsers) -> None:
 
 
 def _run_manifests(args) -> int:
-    from .. import manifests
+    from ..data import manifests
 
     if args.name is None:
         for name in manifests.list_manifests():

@@ -28,7 +28,7 @@ def add_demo(subparsers) -> None:
 
 
 def _run_demo(args) -> int:
-    from .. import phantoms
+    from ..data import phantoms
     from ..io import load_volume
     from ..metrics import dice
     from ..pipeline import DiffuGTSPipeline

@@ -44,9 +44,12 @@ def add_train_heads(subparsers) -> None:
 def _run_train_heads(args) -> int:
     from ..backbone import load_backbone
     from ..backbone.registry import load_registry, record_model
-    from ..heads import HeadsConfig, setting_categories, train_heads, TrainedHeads
+    from ..data.splits import setting_categories
+    from ..heads import HeadsConfig, TrainedHeads
+    from ..training.heads import train_heads
     from ..training.recipes import remove_residual_heads
-    from ..residual import ResidualConfig, train_modality_heads, train_residual_head
+    from ..residual import ResidualConfig
+    from ..training.residual import train_modality_heads, train_residual_head
     from ..text import TextEncoder
 
     seen, unseen = setting_categories(args.setting)
@@ -210,7 +213,10 @@ def add_evaluate_aova(subparsers) -> None:
 
 def _run_evaluate_aova(args) -> int:
     from ..backbone import load_backbone
-    from ..heads import SETTINGS, evaluate_heads, feature_probe, HeadsConfig, train_heads, training_bank, training_fit
+    from ..experiments.aova import evaluate_heads, feature_probe, training_fit
+    from ..data.splits import SETTINGS
+    from ..heads import HeadsConfig
+    from ..training.heads import train_heads, training_bank
     from ..training.recipes import train_or_reuse_heads
     from ..text import TextEncoder
 

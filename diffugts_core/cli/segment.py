@@ -119,7 +119,8 @@ def add_evaluate_refinement(subparsers) -> None:
 
 
 def _run_evaluate_refinement(args) -> int:
-    from ..pipeline import DiffuGTSPipeline, evaluate_refinement
+    from ..experiments.refinement import evaluate_refinement
+    from ..pipeline import DiffuGTSPipeline
 
     if args.test_per_category < 1:
         raise InputError("--test-per-category must be at least 1")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .. import phantoms
+from ..data import phantoms
 from ..inpaint import InpaintConfig, enlarge_mask, healthy_conditioning, pseudo_healthy
 from ..metrics import dice
 from ..vocabulary import ORGAN_LABELS

@@ -13,10 +13,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .. import phantoms
+from ..data import phantoms
 from ..aova import run_aova
 from ..detect import find_regions
-from ..heads import split_cases
+from ..data.splits import split_cases
 from ..metrics import dice
 from ..inpaint import coarse_roi, inpaint_region
 from ..runtime import peak_memory_mb

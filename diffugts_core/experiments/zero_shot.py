@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..detect import detect_case
-from ..heads import SEEDS, role_categories, split_cases
+from ..data.splits import SEEDS, role_categories, split_cases
 from ..inpaint import healthy_conditioning, reconstruct, ring_fill
 from ..io import write_text_atomic
 from ..metrics import detection_auroc, dice, surface_dice
@@ -313,7 +313,7 @@ def percent(value: float | None) -> str:
 def benchmark_settings(name: str) -> tuple[str, ...]:
     """``loo`` (every leave-one-category-out CT setting), ``seen-unseen``, ``mri`` (CT -> MRI), ``all``, or one
     setting by its own name."""
-    from ..heads import SETTINGS
+    from ..data.splits import SETTINGS
 
     loo = tuple(s for s in SETTINGS if s.startswith("loo-"))
     groups = {"loo": loo, "mri": ("ct-mri",), "all": (*loo, "seen-unseen", "ct-mri")}

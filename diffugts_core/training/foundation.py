@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import phantoms
+from ..data import phantoms
 from ..backbone.base import Conditioning
 from ..backbone.diffusers2d import DiffusersSliceBackbone, SliceBackboneConfig
 from ..io import write_text_atomic

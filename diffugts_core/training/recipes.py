@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..backbone import load_backbone
-from ..heads import HeadsConfig, TrainedHeads, cached_heads, role_categories, train_heads
+from ..data.splits import role_categories
+from ..heads import HeadsConfig, TrainedHeads, cached_heads
 from ..pipeline import DiffuGTSPipeline
-from ..residual import (ResidualConfig, TrainedResidualHead, load_modality_heads, modality_regions,
-                        train_modality_heads, train_residual_head)
+from ..residual import ResidualConfig, TrainedResidualHead, load_modality_heads
 from ..text import TextEncoder
 from ..vocabulary import category_modality
+from .heads import train_heads
+from .residual import modality_regions, train_modality_heads, train_residual_head
 
 
 def remove_residual_heads(folder: Path) -> None:

@@ -34,8 +34,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .io import CaseRecord, atomic_path, check_same_grid, load_volume, save_volume
-from .vocabulary import CATEGORIES, ORGAN_LABELS, REGION_MODALITY, category_organ_labels, category_region
+from ..io import CaseRecord, atomic_path, check_same_grid, load_volume, save_volume
+from ..vocabulary import CATEGORIES, ORGAN_LABELS, REGION_MODALITY, category_organ_labels, category_region
 
 GENERATOR_VERSION = 1
 

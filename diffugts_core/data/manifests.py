@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .io import CaseRecord, InputError, Volume, load_volume
-from .vocabulary import CATEGORY_ORGAN, CT_CATEGORIES, ORGAN_LABELS, category_organ_labels
+from ..io import CaseRecord, InputError, Volume, load_volume
+from ..vocabulary import CATEGORY_ORGAN, CT_CATEGORIES, ORGAN_LABELS, category_organ_labels
 
 MANIFEST_PACKAGE = "diffugts_core.data_manifests"
 SEEN_CATEGORIES = ("liver", "kidney", "pancreas")
