@@ -12,7 +12,8 @@ from .common import model_inputs, optional_file, optional_folder
 
 def add_benchmark(subparsers) -> None:
     parser = subparsers.add_parser(
-        "benchmark", help="speed: per-stage time and peak memory of the default pipeline",
+        "benchmark",
+        help="the zero-shot table of a setting (--setting), speed and memory (--speed), the window study (--windows)",
         description="--speed: segment a 128x128x64 PhantomBench CT case at default settings, print "
         "per-stage time and peak memory, and ROI-cropped vs full-slice inpainting side by side "
         "(time ratio and DSC of both). --windows: ROI windows of several contexts against whole "

@@ -14,7 +14,7 @@ from .common import model_inputs, optional_file, optional_folder
 
 def add_train_heads(subparsers) -> None:
     parser = subparsers.add_parser(
-        "train-heads", help="train AOVA adapters, W_q, W_k and the region head for a setting",
+        "train-heads", help="train the AOVA, region and residual heads of a setting",
         description="Train the small heads on the seen categories of a zero-shot setting (held-out "
         "categories never reach the training data): AOVA + region head (heads.json), then the "
         "residual head on their inpainted cases (residual.json), and a residual head for each "
