@@ -52,7 +52,7 @@ def organ_body_region(organ: str) -> str:
 
 def organ_modality(organ: str) -> str:
     """The modality an organ is imaged with here: MRI for the MRI organs, CT for every other (named ones too)."""
-    return next((modality for modality, organs in ORGAN_KEYS.items() if organ in organs and modality != "CT"), "CT")
+    return "MRI" if organ in ORGAN_KEYS["MRI"] else "CT"
 
 
 def category_modality(category: str) -> str:
