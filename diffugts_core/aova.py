@@ -208,3 +208,23 @@ def run_aova(heads, backbone, text_encoder, image: np.ndarray, modality: str, or
     output = heads.aova([f.float() for f in features], prompt_set.embeddings, tuple(image.shape[:2]))
     return AOVAResult(prompt_set, output, anomaly_map(output, prompt_set).permute(1, 2, 0).numpy(),
                       organ_map(output, prompt_set, organ).permute(1, 2, 0).numpy(), body_mask(image, modality))
+
+
+def conditioning_organs(aova: AOVAResult, organ_names: tuple[str, ...], *, threshold: float, organ: str | None = None,
+                        organ_mask: np.ndarray | None = None) -> np.ndarray:
+    """(X, Y, Z) uint8: the kit's own localisation of ``organ_names`` as an organ-aware denoiser takes it (0: none,
+    i + 1: the i-th name): in each body voxel the organ whose maps hold the most mass, where that mass reaches
+    ``threshold``. A given ``organ_mask`` is ``organ``'s region instead of its map (a user's or TotalSegmentator's)."""
+    maps, prompt_set = aova.output.maps, aova.prompt_set
+    mass = torch.zeros((len(organ_names), maps.shape[0], *maps.shape[2:]))
+    for channel, name in enumerate(organ_names):
+        if prompt_set.organ_channels(name):  # organs of the other modality have no prompts here
+            mass[channel] = organ_map(aova.output, prompt_set, name)
+    best, which = mass.max(0)
+    index = torch.where(best >= threshold, which + 1, 0).permute(1, 2, 0).numpy().astype(np.uint8)
+    index[~aova.body] = 0
+    if organ_mask is not None and organ in organ_names:
+        mine = organ_names.index(organ) + 1
+        index[index == mine] = 0
+        index[np.asarray(organ_mask, bool)] = mine
+    return index

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .backbone.base import Conditioning, FrozenBackbone
+from .backbone.base import Conditioning, FrozenBackbone, organ_cover
 from .io import atomic_path
 from .preprocess import PREPROCESS_VERSION
 
@@ -67,8 +67,9 @@ def latent_mask(mask: torch.Tensor, downsample: int) -> torch.Tensor:
 @torch.no_grad()
 def inpaint_slices(backbone: FrozenBackbone, x: torch.Tensor, mask: torch.Tensor, cond: Conditioning,
                    uncond: Conditioning | None = None, config: InpaintConfig = InpaintConfig(),
-                   progress: bool = False, on_step=None) -> torch.Tensor:
+                   progress: bool = False, on_step=None, organ_maps: torch.Tensor | None = None) -> torch.Tensor:
     """Pseudo-healthy slices in model space: (N, C, H, W) image, (N, 1, H, W) mask -> (samples, N, C, H, W).
+    ``organ_maps`` (N, organs, h, w) on the latent grid: what an organ-aware denoiser sees of where each organ is.
 
     ``on_step(step, t, latents)``, if given, sees after every DDIM step the current estimate of the clean latents
     (the model's prediction inside the mask, the known latents outside) of the batch being denoised: whole slices with
@@ -100,6 +101,9 @@ def inpaint_slices(backbone: FrozenBackbone, x: torch.Tensor, mask: torch.Tensor
         for batch in tqdm(batches, desc=f"inpaint {sample + 1}/{config.samples}", disable=not progress):
             z0 = torch.stack([z_known[j, :, rows, cols] for j, (rows, cols) in batch])
             m = torch.stack([cells[j, :, rows, cols] for j, (rows, cols) in batch])
+            if organ_maps is not None:
+                maps = torch.stack([organ_maps[todo[j], :, rows, cols] for j, (rows, cols) in batch])
+                cond, uncond = (None if c is None else replace(c, organs=maps) for c in (cond, uncond))
             denoised = _denoise(backbone, scheduler, z0, m, cond, uncond, config, generator, on_step)
             for k, (j, (rows, cols)) in enumerate(batch):  # only the masked cells: windows of one slice may overlap
                 z[j, :, rows, cols] = torch.where(m[k].bool(), denoised[k], z[j, :, rows, cols])
@@ -171,7 +175,8 @@ def _guided_noise(backbone, z, t, cond, uncond, scale):
         return backbone.denoise(z, t, cond)
     tokens = torch.cat([uncond.tokens, cond.tokens])
     masks = None if cond.attention_mask is None else torch.cat([uncond.attention_mask, cond.attention_mask])
-    eps_uncond, eps_cond = backbone.denoise(torch.cat([z, z]), t, Conditioning(tokens, masks)).chunk(2)
+    organs = None if cond.organs is None else torch.cat([uncond.organs, cond.organs])
+    eps_uncond, eps_cond = backbone.denoise(torch.cat([z, z]), t, Conditioning(tokens, masks, organs)).chunk(2)
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
@@ -252,12 +257,18 @@ def prompt_conditioning(text_encoder, prompt: str) -> tuple[Conditioning, Condit
 
 def pseudo_healthy(backbone, image: np.ndarray, modality: str, mask: np.ndarray, cond: Conditioning,
                    uncond: Conditioning | None = None, config: InpaintConfig = InpaintConfig(),
-                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Inpaint a 3D volume (X, Y, Z in the image's units) inside ``mask``: (mean, spread over samples)."""
+                   progress: bool = False, organs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Inpaint a 3D volume (X, Y, Z in the image's units) inside ``mask``: (mean, spread over samples). ``organs``
+    (X, Y, Z: 0 none, i + 1 the backbone's i-th organ channel) is what an organ-aware denoiser is told of where each
+    organ is; a denoiser without organ channels ignores it."""
     intensity = backbone.intensity(modality, image)
     x = backbone.volume_to_slices(intensity.forward(image))
     m = torch.from_numpy(np.ascontiguousarray(np.asarray(mask, bool).transpose(2, 0, 1)[:, None]))
-    samples = inpaint_slices(backbone, x, m, cond, uncond, config, progress)
+    channels = len(getattr(backbone, "organ_channels", ()))
+    maps = None if organs is None or not channels else organ_cover(
+        torch.from_numpy(np.ascontiguousarray(np.asarray(organs, np.uint8).transpose(2, 0, 1))), channels,
+        backbone.latent_downsample)
+    samples = inpaint_slices(backbone, x, m, cond, uncond, config, progress, organ_maps=maps)
     inside = np.asarray(mask, bool)
     # paste back in image units: outside the mask the input is returned bit for bit (model space clips)
     volumes = np.stack([np.where(inside, intensity.inverse(backbone.slices_to_volume(s)), image) for s in samples])
@@ -266,16 +277,19 @@ def pseudo_healthy(backbone, image: np.ndarray, modality: str, mask: np.ndarray,
 
 def inpaint_region(backbone, text_encoder, image: np.ndarray, modality: str, region: str, organ: str,
                    roi: np.ndarray, config: InpaintConfig, *, cache: Path | None = None,
-                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The pseudo-healthy image (mean over samples, and their spread), from ``cache`` when it holds this exact case."""
+                   progress: bool = False, organs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The pseudo-healthy image (mean over samples, and their spread), from ``cache`` when it holds this exact case.
+    ``organs``: the organ map an organ-aware denoiser sees (see ``pseudo_healthy``)."""
     if not roi.any():
         return image.copy(), np.zeros(image.shape, np.float32)
-    key = None if cache is None else _cache_key(backbone, image, roi, modality, region, organ, config)
+    if not getattr(backbone, "organ_channels", ()):
+        organs = None  # nothing reads it, so it must not change the cache key
+    key = None if cache is None else _cache_key(backbone, image, roi, modality, region, organ, config, organs)
     if key is not None and (cache / f"{key}.npz").is_file():
         stored = np.load(cache / f"{key}.npz")
         return stored["healthy"], stored["spread"]
     cond, uncond = healthy_conditioning(text_encoder, modality, region, organ)
-    healthy, spread = pseudo_healthy(backbone, image, modality, roi, cond, uncond, config, progress)
+    healthy, spread = pseudo_healthy(backbone, image, modality, roi, cond, uncond, config, progress, organs)
     if key is not None:
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache / f"{key}.npz", suffix=".npz") as tmp:
@@ -283,9 +297,12 @@ def inpaint_region(backbone, text_encoder, image: np.ndarray, modality: str, reg
     return healthy, spread
 
 
-def _cache_key(backbone, image, roi, modality, region, organ, config: InpaintConfig) -> str:
+def _cache_key(backbone, image, roi, modality, region, organ, config: InpaintConfig, organs=None) -> str:
     digest = hashlib.sha256()
-    for array in (np.ascontiguousarray(image, np.float32), np.ascontiguousarray(roi, bool)):
+    arrays = [np.ascontiguousarray(image, np.float32), np.ascontiguousarray(roi, bool)]
+    if organs is not None:  # (absent from the keys of models without organ channels: their caches stay valid)
+        arrays.append(np.ascontiguousarray(organs, np.uint8))
+    for array in arrays:
         digest.update(str(array.shape).encode())
         digest.update(array.tobytes())
     digest.update(json.dumps([modality, region, organ, PREPROCESS_VERSION, INPAINT_VERSION, asdict(config)]).encode())
@@ -309,9 +326,12 @@ def model_fingerprint(backbone) -> str:
     return _FINGERPRINTS[backbone]
 
 
-def coarse_roi(detection, spacing, margin_mm: float) -> np.ndarray:
-    """Every candidate region (kept by the region head or not: the residual head is the second filter), enlarged."""
+def coarse_roi(detection, spacing, margin_mm: float, organ_reach: bool = False) -> np.ndarray:
+    """Every candidate region (kept by the region head or not: the residual head is the second filter), enlarged;
+    with ``organ_reach``, also the whole organ region when the region head kept a region (the organ is flagged)."""
     coarse = np.zeros(detection.anomaly.shape, bool)
     for region in detection.regions:
         coarse |= region.mask
+    if organ_reach and detection.kept is not None and detection.kept.any():
+        coarse |= detection.organ_region
     return enlarge_mask(coarse, spacing, margin_mm)

@@ -26,7 +26,7 @@ import torch
 from . import plausibility
 from .detect import Detection
 from .inpaint import InpaintConfig
-from .aova import AOVAResult, run_aova
+from .aova import AOVAResult, conditioning_organs, run_aova
 from .detect import find_regions
 from .heads import TrainedHeads, heads_folder
 from .io import InputError, Volume, check_same_grid
@@ -149,11 +149,14 @@ class DiffuGTSPipeline:
     @torch.no_grad()
     def segment_grid(self, image: np.ndarray, spacing, organ: str, *, modality: str = "CT", prompt: str | None = None,
                      organ_mask: np.ndarray | None = None, seeds: int = 1, seed: int = 0, method: str = "head",
-                     inpaint: InpaintConfig | None = None, progress: bool = False) -> SegmentationResult:
+                     inpaint: InpaintConfig | None = None, roi: np.ndarray | None = None,
+                     progress: bool = False) -> SegmentationResult:
         """The pipeline on a volume already on the processing grid (a PhantomBench case, for instance).
 
         ``inpaint`` replaces the residual head's inpainting settings (ROI windows, steps; ``seeds``/``seed`` still
-        apply), as the benchmarks compare them."""
+        apply), as the benchmarks compare them. ``roi`` replaces the region of interest that detection gives (every
+        candidate region, enlarged): a mask on the processing grid, inpainted and refined in its place. For
+        calibration only: the benchmark's oracle-ROI row hands it the true organ region."""
         organ = check_organ(organ)
         if prompt is not None:
             prompt = check_prompt(prompt)
@@ -161,6 +164,8 @@ class DiffuGTSPipeline:
             raise InputError(f"seeds must be at least 1, got {seeds}")
         if method not in ("head", "fusion"):
             raise InputError(f"method must be 'head' (residual head) or 'fusion' (training-free), not {method!r}")
+        if roi is not None and np.shape(roi) != np.shape(image):
+            raise InputError(f"the region of interest has shape {np.shape(roi)}, the image {np.shape(image)}")
         timings: dict[str, float] = {}
         region = organ_body_region(organ)
         residual_head = self.residual_head(modality)
@@ -171,11 +176,15 @@ class DiffuGTSPipeline:
                                                                     organ_mask_given=organ_mask is not None))
         with _timed(timings, "detection"):
             detection = find_regions(self.heads, aova, self.heads.thresholds, organ_mask)
-            roi = coarse_roi(detection, spacing, config.margin_mm)
+            roi = coarse_roi(detection, spacing, config.margin_mm, config.organ_reach) if roi is None else \
+                np.asarray(roi, bool)
         with _timed(timings, "inpainting"):
             inpaint = replace(inpaint or config.inpaint, samples=seeds, seed=seed)
+            organs = None if not getattr(self.backbone, "organ_channels", ()) else conditioning_organs(
+                aova, self.backbone.organ_channels, threshold=self.heads.thresholds.organ, organ=organ,
+                organ_mask=organ_mask)
             healthy, spread = inpaint_region(self.backbone, self.text_encoder, image, modality, region, organ, roi,
-                                             inpaint, progress=progress)
+                                             inpaint, progress=progress, organs=organs)
         with _timed(timings, "residuals"):
             residuals = residuals_of(self.backbone, image, modality, roi, healthy, spread)
         with _timed(timings, "residual_head"):

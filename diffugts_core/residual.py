@@ -52,6 +52,9 @@ class ResidualConfig:
     modality_anomalies: int = 3
     modality_validation: int = 6
     min_voxels: int = 10  # smaller components of the final mask are dropped
+    # refinement reach: when region-level detection keeps a region (the prompted organ is flagged abnormal), the
+    # region of interest also holds the whole organ region, so a tumor AOVA's candidates missed can still be reached
+    organ_reach: bool = False
     seed: int = 0
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
 
@@ -194,10 +197,11 @@ def feature_residual(backbone, image: np.ndarray, healthy: np.ndarray, modality:
 
 def compute_residuals(backbone, text_encoder, image: np.ndarray, modality: str, region: str, organ: str,
                       roi: np.ndarray, config: InpaintConfig, *, cache: Path | None = None,
-                      progress: bool = False) -> Residuals:
-    """Inpaint ``roi`` to a pseudo-healthy image with the organ's healthy prompt, then both residuals."""
+                      progress: bool = False, organs: np.ndarray | None = None) -> Residuals:
+    """Inpaint ``roi`` to a pseudo-healthy image with the organ's healthy prompt (and, for an organ-aware denoiser,
+    the ``organs`` map), then both residuals."""
     healthy, spread = inpaint_region(backbone, text_encoder, image, modality, region, organ, roi, config,
-                                     cache=cache, progress=progress)
+                                     cache=cache, progress=progress, organs=organs)
     return residuals_of(backbone, image, modality, roi, healthy, spread)
 
 

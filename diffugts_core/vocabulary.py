@@ -3,6 +3,8 @@ organ label ids of PhantomBench label maps. Data, stages, training and experimen
 
 from __future__ import annotations
 
+import numpy as np
+
 ORGAN_LABELS: dict[str, int] = {
     "background": 0,
     "fat": 1,
@@ -38,6 +40,8 @@ CATEGORY_ORGAN = {"liver": "liver", "hepatic_vessel": "liver", "kidney": "kidney
 CATEGORY_REGION = {"lung": "thorax", "brain": "brain"}  # every other category: abdomen
 REGION_MODALITY = {"abdomen": "CT", "thorax": "CT", "brain": "MRI"}
 REGION_ORGAN = {"abdomen": "liver", "thorax": "lung", "brain": "brain"}  # the organ a healthy case of a region is read for
+# the organs the kit localises by name, in this order: the channels of the organ map an organ-aware denoiser sees
+CONDITIONING_ORGANS = tuple(organ for organs in ORGAN_KEYS.values() for organ in organs)
 
 
 def category_region(category: str) -> str:
@@ -63,3 +67,14 @@ def category_modality(category: str) -> str:
 def category_organ_labels(category: str) -> tuple[str, ...]:
     """The organ labels a category's tumors live in (the "organ region" of the method)."""
     return ORGAN_KEYS[category_modality(category)][CATEGORY_ORGAN[category]]
+
+
+def conditioning_organ_index(labels: np.ndarray) -> np.ndarray:
+    """An organ label map as the index of each voxel's conditioning organ (0: none of them, i + 1: the i-th of
+    ``CONDITIONING_ORGANS``); the organ's sub-labels (hepatic vessels in the liver, both kidneys) count as the organ."""
+    lookup = np.zeros(256, np.uint8)
+    for channel, organ in enumerate(CONDITIONING_ORGANS):
+        modality = "MRI" if organ in ORGAN_KEYS["MRI"] else "CT"
+        for name in ORGAN_KEYS[modality][organ]:
+            lookup[ORGAN_LABELS[name]] = channel + 1
+    return lookup[np.asarray(labels, np.uint8)]

@@ -175,3 +175,29 @@ def test_offline_hub_id_fails_fast_with_the_download_command(monkeypatch):
 def test_folder_without_model_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="not a diffusers model folder"):
         DiffusersSliceBackbone.from_pretrained(tmp_path)
+
+
+def organ_aware_backbone():
+    from dataclasses import replace
+
+    from diffugts_core.vocabulary import CONDITIONING_ORGANS
+
+    torch.manual_seed(0)
+    vae, unet, _, ddim = build_models(replace(TINY, organ_conditioning=True), cross_attention_dim=384)
+    return DiffusersSliceBackbone(vae, unet, ddim, SliceBackboneConfig(slice_shape=(32, 32),
+                                                                       organ_channels=CONDITIONING_ORGANS), device="cpu")
+
+
+def test_an_organ_aware_denoiser_reads_the_organ_map_and_an_absent_map_is_an_empty_one():
+    from dataclasses import replace
+
+    backbone = organ_aware_backbone()
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    organs = torch.zeros(2, len(backbone.organ_channels), 8, 8)
+    organs[:, 0, 2:6, 2:6] = 1.0
+    with_map = backbone.denoise(z, 500, replace(text_cond(), organs=organs))
+    without = backbone.denoise(z, 500, text_cond())
+    assert not torch.allclose(with_map, without)
+    torch.testing.assert_close(without, backbone.denoise(z, 500, replace(text_cond(), organs=organs * 0)))
+    with pytest.raises(ValueError, match="7 organ channels"):
+        backbone.denoise(z, 500, replace(text_cond(), organs=organs[:, :3]))

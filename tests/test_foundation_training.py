@@ -11,19 +11,31 @@ from diffugts_core.data import phantoms
 from diffugts_core import vocabulary
 from diffugts_core.backbone import DEFAULT_MODEL, DiffusersSliceBackbone, SliceBackboneConfig
 from diffugts_core.backbone.registry import load_registry, models_root, verified_model_path
-from diffugts_core.training.foundation import (caption, healthy_training_slices, native_bf16, random_crops,
-                                             train_foundation)
+from diffugts_core.training.foundation import (V2, HealthyVolumes, caption, healthy_volumes, load_optimizer,
+                                             native_bf16, random_crops, save_optimizer, train_foundation)
+from diffugts_core.training import foundation
 
 from .test_backbone import TINY
 
 
 def test_training_data_are_healthy_slices_with_organ_captions():
-    images, captions, case_ids = healthy_training_slices(TINY, SliceBackboneConfig(slice_shape=(32, 32)), False)
-    assert case_ids == ["healthy_abdomen_000", "healthy_thorax_000", "healthy_brain_000"]
-    assert images.shape[1:] == (1, 32, 32) and len(images) == len(captions)
+    data = healthy_volumes(TINY, SliceBackboneConfig(slice_shape=(32, 32)), progress=False)
+    assert data.case_ids == ["healthy_abdomen_000", "healthy_thorax_000", "healthy_brain_000"]
+    images = data.stacks(torch.arange(len(data)))
+    assert images.shape[1:] == (1, 32, 32) and len(images) == len(data.captions)
     assert float(images.min()) >= -1 and float(images.max()) <= 1
-    assert any(c.startswith("a CT scan of the abdomen showing") for c in captions)
-    assert any(c.startswith("an MRI scan of the brain showing") for c in captions)
+    assert any(c.startswith("a CT scan of the abdomen showing") for c in data.captions)
+    assert any(c.startswith("an MRI scan of the brain showing") for c in data.captions)
+
+
+def test_generated_volumes_are_kept_and_read_back_the_same(tmp_path, monkeypatch):
+    made = healthy_volumes(TINY, SliceBackboneConfig(slice_shape=(32, 32)), progress=False, cache=tmp_path)
+    monkeypatch.setattr(phantoms, "generate_case", None)  # a second call must not generate anything
+    read = healthy_volumes(TINY, SliceBackboneConfig(slice_shape=(32, 32)), progress=False, cache=tmp_path)
+    assert torch.equal(read.volumes, made.volumes) and torch.equal(read.organs, made.organs)
+    assert torch.equal(read.index, made.index) and (read.captions, read.case_ids) == (made.captions, made.case_ids)
+    with pytest.raises(TypeError):  # another seed is another file
+        healthy_volumes(TINY, SliceBackboneConfig(slice_shape=(32, 32)), seed=5, progress=False, cache=tmp_path)
 
 
 def test_a_case_with_a_tumor_never_reaches_the_training_set(monkeypatch):
@@ -34,7 +46,33 @@ def test_a_case_with_a_tumor_never_reaches_the_training_set(monkeypatch):
 
     monkeypatch.setattr(phantoms, "generate_case", leaky)
     with pytest.raises(RuntimeError, match="must never see a tumor"):
-        healthy_training_slices(TINY, SliceBackboneConfig(slice_shape=(32, 32)), False)
+        healthy_volumes(TINY, SliceBackboneConfig(slice_shape=(32, 32)), progress=False)
+
+
+def test_slices_come_with_their_neighbours_and_the_organ_map_on_the_latent_grid():
+    depth = 3
+    volumes = torch.arange(depth, dtype=torch.float16).expand(1, 4, 4, depth).clone()  # each slice holds its index
+    organs = torch.zeros(1, 4, 4, depth, dtype=torch.uint8)
+    organs[0, :2, :2, 0] = 1 + vocabulary.CONDITIONING_ORGANS.index("liver")
+    organs[0, 2:, 2:, 0] = 1 + vocabulary.CONDITIONING_ORGANS.index("kidney")
+    organs[0, 3, 0, 0] = 1 + vocabulary.CONDITIONING_ORGANS.index("kidney")
+    data = HealthyVolumes(volumes, organs, torch.tensor([[0, 0], [0, 1], [0, 2]]), ["a", "b", "c"], ["case"])
+    stacks = data.stacks(torch.tensor([0, 2]), context=1)
+    assert stacks[:, :, 0, 0].tolist() == [[0, 0, 1], [1, 2, 2]]  # below the first and above the last: the edge
+    maps = data.organ_maps(torch.tensor([0]), downsample=2)
+    assert maps.shape == (1, len(vocabulary.CONDITIONING_ORGANS), 2, 2)
+    liver, kidney = (vocabulary.CONDITIONING_ORGANS.index(o) for o in ("liver", "kidney"))
+    assert maps[0, liver].tolist() == [[1, 0], [0, 0]]
+    assert maps[0, kidney].tolist() == [[0, 0], [0.25, 1]]
+    assert float(maps.sum()) == 2.25  # nothing else
+
+
+def test_conditioning_organ_index_counts_an_organs_parts_as_the_organ():
+    labels = np.array([0, 1, 4, 10, 6, 7, 8, 12, 13, 11, 5, 21, 14], np.uint8)
+    index = vocabulary.conditioning_organ_index(labels)
+    names = [vocabulary.CONDITIONING_ORGANS[i - 1] if i else None for i in index]
+    assert names == [None, None, "liver", "liver", "kidney", "kidney", "pancreas", "lung", "lung", "colon", "spleen",
+                     "brain", None]
 
 
 def test_caption_names_the_organs_in_view():
@@ -77,6 +115,56 @@ def test_tiny_training_writes_a_loadable_model_and_resumes(tmp_path):
     assert state["unet_step"] == 3 and state["vae_step"] == 2  # the VAE was not trained again
     assert state["crops_from_step"] == 2 and "from step 2, 100% of batches random latent crops" in \
         (out / "README.md").read_text()
+
+
+def test_the_plateau_schedule_halves_the_rate_then_ends_the_phase():
+    config = replace(V2, plateau_patience=2, plateau_decays=1)
+    plateau = {"best": None, "bad": 0, "decays": 0, "scale": 1.0}
+    decisions = [foundation._plateau(plateau, loss, config) for loss in (1.0, 0.9, 0.895, 0.894)]
+    assert decisions == [False] * 4 and plateau["scale"] == 0.5 and plateau["decays"] == 1  # 0.895, 0.894: < 1%
+    assert [foundation._plateau(plateau, loss, config) for loss in (0.8, 0.81, 0.80)] == [False, False, True]
+
+
+def test_optimiser_state_round_trips_through_safetensors(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        optimizer.step()
+    save_optimizer(optimizer, tmp_path / "optimizer.safetensors")
+    restored = torch.optim.AdamW(model.parameters(), lr=1.0)
+    load_optimizer(restored, tmp_path / "optimizer.safetensors")
+    assert restored.param_groups[0]["lr"] == 1e-2
+    for before, after in zip(optimizer.state.values(), restored.state.values()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(after[key], before[key])
+
+
+def test_v2_training_is_resumable_2_5d_and_organ_aware(tmp_path):
+    tiny = replace(V2, shape=(32, 32, 16), vae_channels=(16, 16), unet_channels=(16, 32, 32), volumes_per_region=1,
+                   validation_volumes_per_region=1, vae_crop=16, vae_steps=4, unet_steps=4, vae_batch=2, unet_batch=2,
+                   checkpoint_every=2, bf16=False, max_minutes=1e-6)
+    out = tmp_path / "v2"
+    train_foundation(out, tiny, progress=False, command="first")  # out of time at the first checkpoint
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert state["vae_step"] == 2 and state["unet_step"] == 0 and not (out / "vae").exists()
+    assert (out / "checkpoints" / "vae_optimizer.safetensors").is_file()
+    assert [sorted(point) for point in state["curves"]["vae"]] == [["lr", "step", "train", "validation"]]
+    train_foundation(out, replace(tiny, max_minutes=None), resume=True, progress=False, command="second")
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert state["vae_step"] in (2, 4) and state["unet_step"] in (2, 4)  # at the cap, or earlier at a plateau
+    assert len(state["curves"]["vae"]) == state["vae_step"] // 2 and state["commands"] == ["first", "second"]
+    backbone = DiffusersSliceBackbone.from_pretrained(out, device="cpu")
+    assert backbone.vae.config.in_channels == 3 and backbone.config.context_slices == 1
+    assert backbone.latent_downsample == 2 and backbone.organ_channels == vocabulary.CONDITIONING_ORGANS
+    assert backbone.unet.config.in_channels == 4 + len(vocabulary.CONDITIONING_ORGANS)
+    # the three AOVA stages: the first at the full grid (before the halving), then two at the latent grid
+    stages = backbone.encode_features(torch.zeros(2, 3, 32, 32))
+    assert [tuple(f.shape[-2:]) for f in stages] == [(32, 32), (16, 16), (16, 16)]
+    assert (out / "training_curves.png").stat().st_size > 1000
+    card = (out / "README.md").read_text()
+    assert "2x down-sampling" in card and "organ map" in card and "`first && second`" in card
 
 
 # ---- the shipped default -------------------------------------------------------------------

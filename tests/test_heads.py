@@ -246,3 +246,27 @@ def test_train_or_reuse_heads_reuses_a_match_and_retrains_with_the_residual_head
     assert trained == [1] and (tmp_path / "residual.json").is_file()
     recipes.train_or_reuse_heads(tmp_path, replace(config, seed=2), None, None)
     assert trained == [1, 2] and not (tmp_path / "residual.json").exists()
+
+
+def test_conditioning_organs_come_from_the_maps_and_a_given_mask_replaces_the_organs_own():
+    from types import SimpleNamespace
+
+    from diffugts_core.aova import AOVAResult, PromptSet, conditioning_organs
+
+    names = ("background", "liver:normal", "kidney:normal", "kidney:abnormal")
+    prompt_set = PromptSet("CT", names, ((),) * 4, torch.eye(4))
+    maps = torch.zeros(1, 4, 4, 4)  # (slices, prompts, X, Y)
+    maps[0, 0] = 1.0
+    maps[0, :, 0, :] = torch.tensor([0.0, 1.0, 0.0, 0.0])[:, None]  # row 0: liver
+    maps[0, :, 1, :] = torch.tensor([0.1, 0.0, 0.4, 0.5])[:, None]  # row 1: kidney (normal + abnormal mass 0.9)
+    maps[0, :, 2, :] = torch.tensor([0.6, 0.3, 0.1, 0.0])[:, None]  # row 2: no organ reaches 0.5
+    body = np.ones((4, 4, 1), bool)
+    body[0, 0, 0] = False
+    aova = AOVAResult(prompt_set, SimpleNamespace(maps=maps), np.zeros((4, 4, 1)), np.zeros((4, 4, 1)), body)
+    organs = ("liver", "spleen", "kidney", "brain")
+    index = conditioning_organs(aova, organs, threshold=0.5)
+    assert index[..., 0].tolist() == [[0, 1, 1, 1], [3, 3, 3, 3], [0, 0, 0, 0], [0, 0, 0, 0]]
+    user = np.zeros((4, 4, 1), bool)
+    user[3, 3, 0] = True
+    index = conditioning_organs(aova, organs, threshold=0.5, organ="kidney", organ_mask=user)
+    assert index[..., 0].tolist() == [[0, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 3]]

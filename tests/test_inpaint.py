@@ -118,3 +118,31 @@ def test_reconstruction_changes_only_the_chosen_slices():
     assert not np.allclose(out[..., slices], case.image[..., slices])
     with pytest.raises(ValueError, match="strength"):
         reconstruct(tiny_backbone(), case.image, "CT", slices, cond, uncond, strength=0.0)
+
+
+def test_inpainting_shows_an_organ_aware_denoiser_each_slices_organ_map():
+    from diffugts_core.backbone.base import organ_cover
+    from diffugts_core.inpaint import pseudo_healthy
+
+    from .test_backbone import organ_aware_backbone
+
+    backbone = organ_aware_backbone()
+    seen = []
+    denoise = backbone.denoise
+    backbone.denoise = lambda z, t, cond: seen.append(cond.organs.clone()) or denoise(z, t, cond)
+    image = np.full((32, 32, 4), 40.0, np.float32)
+    organs = np.zeros(image.shape, np.uint8)
+    organs[4:20, 4:20, :] = 1  # the first organ channel, a different square on the last slice
+    organs[20:28, 20:28, 3] = 3
+    mask = np.zeros(image.shape, bool)
+    mask[8:12, 8:12, 1] = mask[8:12, 8:12, 3] = True
+    cond = text_cond()
+    pseudo_healthy(backbone, image, "CT", mask, cond, None, InpaintConfig(steps=2), organs=organs)
+    expected = organ_cover(torch.from_numpy(organs.transpose(2, 0, 1)[[1, 3]].copy()), 7, 4)
+    assert len(seen) == 2 and all(torch.equal(maps, expected) for maps in seen)  # the masked slices' maps, each step
+    backbone.denoise = denoise
+    seen.clear()
+    plain = tiny_backbone()  # a denoiser without organ channels is never handed a map
+    plain.denoise = lambda z, t, cond: seen.append(cond.organs) or tiny_backbone().denoise(z, t, cond)
+    pseudo_healthy(plain, image, "CT", mask, cond, None, InpaintConfig(steps=1), organs=organs)
+    assert seen == [None]

@@ -22,6 +22,7 @@ from diffugts_core.data.splits import SEEDS, role_categories
 from diffugts_core.residual import ResidualConfig, TrainedResidualHead
 from diffugts_core.training import recipes
 from diffugts_core.training.recipes import evaluated_modalities, setting_pipeline
+from diffugts_core.training.specialist import shipped_specialist
 
 ROOT = Path(__file__).resolve().parents[1]
 GATE = ROOT / "notebooks" / "regression"
@@ -142,7 +143,10 @@ def test_same_seed_gives_the_same_case_results_in_another_process(quick_benchmar
     pipeline = DiffuGTSPipeline.from_pretrained(device="cpu")
     stored = next(row for row in results["per_case"] if row["case"] == "hepatic_vessel_001")  # nonzero DSC
     case = phantoms.generate_case("hepatic_vessel", 1, SEEDS["test"])
-    masks, _, facts = case_masks(pipeline, case, config, results["thresholds"]["fitted_here"]["values"])
+    specialist = shipped_specialist("hepatic_vessel", device="cpu")  # the calibration rows too
+    assert results["specialists"]["hepatic_vessel"] == json.loads(json.dumps(specialist.summary()))
+    masks, _, facts = case_masks(pipeline, case, config, results["thresholds"]["fitted_here"]["values"],
+                                 specialist=specialist)
     assert case_row(case, masks, facts, config.tolerance_mm) == stored
     results["timing"] = json.loads((quick_benchmark / "timing.json").read_text())
     again = write_benchmark(results, quick_benchmark.parent / "written_again")
@@ -164,24 +168,32 @@ def shipped_pipeline():
     return DiffuGTSPipeline.from_pretrained(device="cpu")
 
 
-def test_results_are_reused_only_for_the_same_configuration_and_weights(tmp_path, shipped_pipeline):
+def test_results_are_reused_only_for_the_same_configuration_weights_and_specialists(tmp_path, shipped_pipeline):
     config = ZeroShotConfig(test_per_category=1)
-    assert reusable_results(tmp_path, config, shipped_pipeline) is None  # nothing there yet
+    specialists = {"lung": shipped_specialist("lung", device="cpu")}
+    assert reusable_results(tmp_path, config, shipped_pipeline, specialists) is None  # nothing there yet
     results = {"setting": config.setting, "config": asdict(config), "per_case": [], "timing": {"wall_s": 1.0},
                "thresholds": {**pipeline_thresholds(shipped_pipeline), "fitted_here": {}},
-               "weights_sha256": shipped_pipeline.weights_sha256()}
+               "weights_sha256": shipped_pipeline.weights_sha256(),
+               "specialists": {"lung": specialists["lung"].summary()}}
     (tmp_path / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "timing"}))
     (tmp_path / "timing.json").write_text(json.dumps(results["timing"]))
-    assert reusable_results(tmp_path, config, shipped_pipeline) == json.loads(json.dumps(results))
-    assert reusable_results(tmp_path, replace(config, seed=1), shipped_pipeline) is None
+    assert reusable_results(tmp_path, config, shipped_pipeline, specialists) == json.loads(json.dumps(results))
+    assert reusable_results(tmp_path, replace(config, seed=1), shipped_pipeline, specialists) is None
     retrained = json.loads(json.dumps(results))
     retrained["thresholds"]["detection"]["anomaly"] += 0.1  # other heads bring other thresholds
     (tmp_path / "results.json").write_text(json.dumps(retrained))
-    assert reusable_results(tmp_path, config, shipped_pipeline) is None
+    assert reusable_results(tmp_path, config, shipped_pipeline, specialists) is None
     # heads retrained to the same thresholds: the weights tell them apart
     retrained = {**json.loads(json.dumps(results)), "weights_sha256": {"heads/residual.safetensors": "0" * 64}}
     (tmp_path / "results.json").write_text(json.dumps(retrained))
-    assert reusable_results(tmp_path, config, shipped_pipeline) is None
+    assert reusable_results(tmp_path, config, shipped_pipeline, specialists) is None
+    # so do a calibration row's specialist, and results written before the calibration rows existed
+    retrained = json.loads(json.dumps(results))
+    retrained["specialists"]["lung"]["weights_sha256"] = "0" * 64
+    for stale in (retrained, {k: v for k, v in results.items() if k not in ("timing", "specialists")}):
+        (tmp_path / "results.json").write_text(json.dumps(stale))
+        assert reusable_results(tmp_path, config, shipped_pipeline, specialists) is None
 
 
 @pytest.mark.slow

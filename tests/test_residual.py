@@ -255,3 +255,20 @@ def test_residual_heads_saved_before_modality_heads_existed_still_load():
     assert ResidualConfig.from_dict({**saved, "lesion_free_healthy": 0, "lesion_free_anomalies": 3}) == ResidualConfig()
     with pytest.raises(InputError, match="--residual-only"):  # the superseded experiment is not silently reused
         ResidualConfig.from_dict({**saved, "lesion_free_healthy": 12})
+
+
+def test_refinement_reaches_the_whole_organ_only_when_detection_flags_it():
+    from diffugts_core.detect import Detection, Region
+
+    anomaly = np.zeros((20, 20, 6), np.float32)
+    organ_region = np.zeros(anomaly.shape, bool)
+    organ_region[2:18, 2:18, 1:5] = True
+    candidate = np.zeros(anomaly.shape, bool)
+    candidate[4:6, 4:6, 2] = True
+    flagged = Detection(anomaly, organ_region, [Region(candidate, 4, 0.8, 0.9)], kept=candidate.copy())
+    unflagged = Detection(anomaly, organ_region, [Region(candidate, 4, 0.8, 0.1)], kept=np.zeros(anomaly.shape, bool))
+    spacing = (1.0, 1.0, 1.0)
+    assert np.array_equal(coarse_roi(flagged, spacing, 0.0), candidate)  # reach off: the candidates
+    assert np.array_equal(coarse_roi(unflagged, spacing, 0.0, organ_reach=True), candidate)
+    reached = coarse_roi(flagged, spacing, 0.0, organ_reach=True)
+    assert np.array_equal(reached, organ_region | candidate)

@@ -26,6 +26,7 @@ class FrozenBackbone(Protocol):
     denoiser_multiple: int  # a latent window the denoiser takes must be a multiple of this along each axis
     scaling_factor: float  # latents are scaled by this before diffusion (as in Stable Diffusion)
     text_conditioned: bool
+    organ_channels: tuple[str, ...]  # the organs an organ-aware denoiser takes a map of (empty: none)
     scheduler: object  # a diffusers scheduler with set_timesteps / step / add_noise
     device: torch.device
 
@@ -46,6 +47,8 @@ class Conditioning:
 
     tokens: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    # for an organ-aware denoiser: (B, organs, x, y) cover fractions of its organs at the latent grid (None: no map)
+    organs: torch.Tensor | None = None
 
     def expand(self, batch: int) -> "Conditioning":
         if self.tokens is None or self.tokens.shape[0] == batch:
@@ -53,7 +56,14 @@ class Conditioning:
         if self.tokens.shape[0] != 1:
             raise ValueError(f"conditioning batch {self.tokens.shape[0]} cannot broadcast to {batch}")
         mask = None if self.attention_mask is None else self.attention_mask.expand(batch, -1)
-        return Conditioning(self.tokens.expand(batch, -1, -1), mask)
+        return Conditioning(self.tokens.expand(batch, -1, -1), mask, self.organs)
+
+
+def organ_cover(index_slices: torch.Tensor, channels: int, downsample: int) -> torch.Tensor:
+    """(B, X, Y) organ indices (0: none, i + 1: the i-th organ channel) -> (B, channels, X / d, Y / d): the share of
+    each latent cell each organ covers (the map an organ-aware denoiser takes)."""
+    one_hot = torch.nn.functional.one_hot(index_slices.long(), channels + 1)[..., 1:]
+    return torch.nn.functional.avg_pool2d(one_hot.permute(0, 3, 1, 2).float(), downsample)
 
 
 @dataclass(frozen=True)

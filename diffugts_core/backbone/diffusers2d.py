@@ -35,13 +35,16 @@ class SliceBackboneConfig:
     ct_values: tuple[float, ...] = (-1.0, -0.7, 0.8, 1.0)
     text_encoder: str = "all-MiniLM-L6-v2"
     max_length: int = 24
+    # the organs whose map (cover fractions at the latent grid) an organ-aware UNet takes as extra input channels
+    organ_channels: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)  # provenance written by training
 
     @classmethod
     def from_json(cls, text: str) -> "SliceBackboneConfig":
         data = json.loads(text)
-        for key in ("slice_shape", "ct_knots_hu", "ct_values"):
-            data[key] = tuple(data[key])
+        for key in ("slice_shape", "ct_knots_hu", "ct_values", "organ_channels"):
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(**data)
 
 
@@ -107,6 +110,11 @@ class DiffusersSliceBackbone:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def organ_channels(self) -> tuple[str, ...]:
+        """The organs an organ-aware denoiser takes a map of (empty for a denoiser without one)."""
+        return self.config.organ_channels
+
+    @property
     def denoiser_multiple(self) -> int:
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
@@ -160,8 +168,14 @@ class DiffusersSliceBackbone:
 
     @torch.no_grad()
     def encode_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The outputs of the VAE encoder's three down blocks (fine to coarse)."""
-        blocks = list(self.vae.encoder.down_blocks)[:3]
+        """Three encoder stages, fine to coarse: the outputs of the VAE encoder's first three down blocks; for a VAE
+        with two levels (one halving), the first block before its halving (the full grid), the second block and the
+        middle block."""
+        encoder = self.vae.encoder
+        if len(encoder.down_blocks) >= 3:
+            blocks = list(encoder.down_blocks)[:3]
+        else:
+            blocks = [encoder.down_blocks[0].resnets[-1], encoder.down_blocks[-1], encoder.mid_block]
         with _block_outputs(blocks) as outputs:
             self.vae.encoder(x.to(self.device))
         return outputs
@@ -173,8 +187,16 @@ class DiffusersSliceBackbone:
                              "states for an unconditional prediction)")
         cond = cond.expand(z_t.shape[0])
         mask = None if cond.attention_mask is None else cond.attention_mask.to(self.device)
-        return self.unet(z_t.to(self.device), t, encoder_hidden_states=cond.tokens.to(self.device),
-                         encoder_attention_mask=mask).sample
+        z_t = z_t.to(self.device)
+        organ_channels = self.unet.config.in_channels - self.latent_channels
+        if organ_channels:  # an organ-aware UNet: its map as extra channels (an empty map when none is known)
+            organs = cond.organs if cond.organs is not None else \
+                torch.zeros(z_t.shape[0], organ_channels, *z_t.shape[2:])
+            if tuple(organs.shape) != (z_t.shape[0], organ_channels, *z_t.shape[2:]):
+                raise ValueError(f"organ map of shape {tuple(organs.shape)} for latents {tuple(z_t.shape)}; the "
+                                 f"denoiser takes {organ_channels} organ channels on the latent grid")
+            z_t = torch.cat([z_t, organs.to(self.device, z_t.dtype)], 1)
+        return self.unet(z_t, t, encoder_hidden_states=cond.tokens.to(self.device), encoder_attention_mask=mask).sample
 
 
 @contextmanager

@@ -29,9 +29,11 @@ def add_benchmark(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="--setting: inpainting and reconstruction seed (default 0)")
     parser.add_argument("--heads-cache", type=Path, help="--setting: folder of heads, one subfolder per setting "
                         "(missing ones are trained there, as by evaluate-aova; seen-unseen uses the shipped heads "
-                        "unless DIR/seen-unseen exists). With it, the table gains the supervised upper bound (each "
-                        "category's heads from the leave-one-out setting that holds out the next category), and a "
-                        "results.json of the same configuration and heads already in --out is reused, not run again")
+                        "unless DIR/seen-unseen exists), and of the calibration rows' specialists, DIR/specialist-"
+                        "<category> (the shipped one where the cache has none, else trained there). With it, the "
+                        "table gains the supervised upper bound (each category's heads from the leave-one-out setting "
+                        "that holds out the next category), and a results.json of the same configuration, heads and "
+                        "specialists already in --out is reused, not run again")
     parser.add_argument("--cases", type=int, default=3,
                         help="--speed: cases (default 3: liver, hepatic vessel, kidney)")
     parser.add_argument("--per-category", type=int, default=2,
@@ -67,7 +69,8 @@ def _zero_shot(args) -> int:
     from ..experiments.zero_shot import (FULL_TEST_PER_CATEGORY, QUICK_TEST_PER_CATEGORY, ZeroShotConfig,
                                          add_supervised_upper_bound, benchmark_settings, combine_settings,
                                          format_table, reusable_results, write_benchmark, zero_shot_benchmark)
-    from ..training.recipes import setting_pipeline
+    from ..data.splits import role_categories
+    from ..training.recipes import setting_pipeline, specialist_for
 
     if args.out is None:
         raise InputError("--setting needs --out DIR (where results.json, table.md and per_case.csv go)")
@@ -82,14 +85,17 @@ def _zero_shot(args) -> int:
             pipeline = setting_pipeline(setting, args.heads_cache, progress=True)
         except ValueError as error:
             raise InputError(str(error)) from None
+        specialists = {category: specialist_for(category, args.heads_cache, progress=True)
+                       for category in role_categories(setting, "unseen")}  # the calibration rows' specialists
         config = ZeroShotConfig(setting=setting, seed=args.seed,
                                 test_per_category=QUICK_TEST_PER_CATEGORY if args.quick else FULL_TEST_PER_CATEGORY)
-        results = reusable_results(args.out / setting, config, pipeline)
+        results = reusable_results(args.out / setting, config, pipeline, specialists)
         if results is None:
-            results = zero_shot_benchmark(config, pipeline=pipeline, progress=True)
+            results = zero_shot_benchmark(config, pipeline=pipeline, specialists=specialists, progress=True)
             write_benchmark(results, args.out / setting)  # kept if the upper bound's training is stopped
         else:
-            print(f"{setting}: reusing {args.out / setting / 'results.json'} (same configuration and heads)")
+            print(f"{setting}: reusing {args.out / setting / 'results.json'} (same configuration, heads and "
+                  "specialists)")
         if args.heads_cache is not None and "supervised_heads" not in results:
             results = add_supervised_upper_bound(
                 results, config, lambda name: setting_pipeline(name, args.heads_cache, progress=True), progress=True)

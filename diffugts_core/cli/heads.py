@@ -27,6 +27,9 @@ def add_train_heads(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument("--model", default="default", help="foundation model (default: the shipped one)")
     parser.add_argument("--residual-steps", type=int, default=800, help="residual head training steps (default 800)")
+    parser.add_argument("--organ-reach", action="store_true",
+                        help="refinement reach: when detection flags the organ, the residual head's region of interest "
+                        "also holds the whole organ region (in training and at run time)")
     parser.add_argument("--modality-healthy", type=int, default=16, metavar="N",
                         help="healthy training cases per region for the residual head of a modality no seen category "
                              "is in (MRI brain), 3 synthetic anomalies each (default 16; 0: no such head, the one "
@@ -70,7 +73,8 @@ def _run_train_heads(args) -> int:
             raise InputError(f"{args.out} holds heads of {heads.setting}, not {args.setting}")
     else:
         heads = train_heads(backbone, text_encoder, config, progress=not args.no_progress)
-    residual_config = ResidualConfig(steps=args.residual_steps, seed=args.seed, modality_healthy=args.modality_healthy)
+    residual_config = ResidualConfig(steps=args.residual_steps, seed=args.seed, modality_healthy=args.modality_healthy,
+                                     organ_reach=args.organ_reach)
     residual = train_residual_head(heads, backbone, text_encoder, residual_config, cache=args.cache,
                                    progress=not args.no_progress)
     modality_heads = train_modality_heads(heads, backbone, text_encoder, residual_config, cache=args.cache,
@@ -90,7 +94,7 @@ def _run_train_heads(args) -> int:
                    f"--per-category {args.per_category} --residual-steps {args.residual_steps} --seed {args.seed}"
                    + (f" --modality-healthy {args.modality_healthy}"
                       if args.modality_healthy != ResidualConfig().modality_healthy else "")
-                   + (" --residual-only" if args.residual_only else ""))
+                   + (" --organ-reach" if args.organ_reach else "") + (" --residual-only" if args.residual_only else ""))
         earlier = load_registry().get(args.register, {}).get("command") if args.residual_only else None
         if earlier:  # how the AOVA heads beside it were made: the first command of the earlier entry
             command = f"{earlier.split(' && ')[0]} && {command}"

@@ -24,10 +24,11 @@ from scipy import ndimage
 from ..data import phantoms
 from ..inpaint import InpaintConfig, enlarge_mask, healthy_conditioning, pseudo_healthy
 from ..metrics import dice
-from ..vocabulary import ORGAN_LABELS
+from ..vocabulary import ORGAN_LABELS, conditioning_organ_index
 
-PSEUDO_HEALTHY_ORGANS = ("liver", "spleen", "kidney_right")
-GATED_ORGAN = "liver"  # the pass/fail test; spleen and kidney are reported (small: 2-4 latent cells across)
+# the pass/fail test: a tumor inpainted back toward its organ, in each (the kidney and pancreas are 2-4 latent cells
+# across on a 10 mm grid, which is what v2's 5 mm grid and organ map are for)
+PSEUDO_HEALTHY_ORGANS = ("liver", "spleen", "kidney_right", "pancreas")
 TUMOR_CONTRAST_HU = -40.0
 RATIO_LIMIT = 0.25
 
@@ -98,7 +99,9 @@ def pseudo_healthy_test(backbone, text_encoder, case, organ: str, config: Inpain
     image, tumor = insert_test_tumor(case, organ, radius_mm)
     region = enlarge_mask(tumor, case.spacing, margin_mm)
     cond, uncond = healthy_conditioning(text_encoder, "CT", case.region, organ.split("_")[0])
-    healthy_estimate, spread = pseudo_healthy(backbone, image, "CT", region, cond, uncond, config)
+    # an organ-aware denoiser is told where the organs are by the case's own organ map (as a user's organ mask would)
+    organs = conditioning_organ_index(case.organs) if getattr(backbone, "organ_channels", ()) else None
+    healthy_estimate, spread = pseudo_healthy(backbone, image, "CT", region, cond, uncond, config, organs=organs)
     means = {"input": float(image[tumor].mean()), "pseudo_healthy": float(healthy_estimate[tumor].mean()),
              "healthy": float(case.image[tumor].mean())}
     found = (np.abs(image - healthy_estimate) > 20.0) & region
@@ -145,7 +148,7 @@ def check_foundation(backbone, text_encoder, *, seed: int = 7, shape=(128, 128, 
               "pseudo_healthy": [{"seed": case_seed, **pseudo_healthy_test(backbone, text_encoder, case, organ, config)}
                                  for organ in PSEUDO_HEALTHY_ORGANS for case_seed, case in abdomens.items()]}
     report["timings"] = stage_timings(backbone, cases["abdomen"], config, text_encoder)
-    report["pass"] = all(r["ratio"] <= RATIO_LIMIT for r in report["pseudo_healthy"] if r["organ"] == GATED_ORGAN)
+    report["pass"] = all(r["ratio"] <= RATIO_LIMIT for r in report["pseudo_healthy"])
     return report
 
 
@@ -163,7 +166,7 @@ def format_report(report: dict) -> str:
               f"(ratio {h['ratio']:.2f}) and liver-mean fill {h['mae_liver_mean_fill']:.1f} HU; {h['voxels']} voxels",
               "",
               f"pseudo-healthy ({TUMOR_CONTRAST_HU:+.0f} HU tumor; ratio |H - healthy| / |I - healthy| must be <= "
-              f"{RATIO_LIMIT} in the {GATED_ORGAN})"]
+              f"{RATIO_LIMIT} in each organ, on each seed)"]
     for r in report["pseudo_healthy"]:
         m = r["mean_hu"]
         lines.append(f"  {r['organ']:12s} seed {r['seed']:<3d} I {m['input']:6.1f}  H {m['pseudo_healthy']:6.1f}  "
@@ -173,5 +176,5 @@ def format_report(report: dict) -> str:
     t = report["timings"]
     lines += ["", f"per-stage times, one {t['slices']}-slice volume (s)"]
     lines += [f"  {k:28s} {v:7.3f}" for k, v in t["seconds"].items()]
-    lines += ["", "PASS" if report["pass"] else f"FAIL: a {GATED_ORGAN} pseudo-healthy ratio is above the limit"]
+    lines += ["", "PASS" if report["pass"] else "FAIL: a pseudo-healthy ratio is above the limit"]
     return "\n".join(lines)

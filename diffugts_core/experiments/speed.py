@@ -100,7 +100,8 @@ def window_study(pipeline, *, per_category: int = 2, variants=WINDOW_VARIANTS, s
     for case in cases:
         organ = CATEGORY_ORGAN[case.category]
         aova = run_aova(heads, pipeline.backbone, pipeline.text_encoder, case.image, case.modality, organ)
-        roi = coarse_roi(find_regions(heads, aova, heads.thresholds), case.spacing, config.margin_mm)
+        roi = coarse_roi(find_regions(heads, aova, heads.thresholds), case.spacing, config.margin_mm,
+                         config.organ_reach)
         tumor = (case.tumor > 0) & roi
         for path, inpaint in paths.items():
             start = time.perf_counter()

