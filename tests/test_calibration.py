@@ -124,6 +124,23 @@ def test_the_true_healthy_image_lets_the_head_find_the_tumor_a_ring_fill_hides(s
     assert oracle > max(filled + 0.1, 0.5)
 
 
+def test_the_oracle_roi_row_inpaints_and_refines_the_region_it_is_handed(shipped_pipeline):
+    """The oracle-ROI row end to end (the CI-size benchmark leaves it out): the pipeline's refinement works in the true
+    organ region instead of its own, and finds the tumor there."""
+    liver = phantoms.generate_case("liver", 0, SEEDS["test"])
+    tumor_slices = np.flatnonzero(liver.tumor.any((0, 1)))
+    slab = slice(tumor_slices[0] - 2, tumor_slices[-1] + 3)
+    roi = oracle_roi(liver, 5.0)[..., slab]
+    result = shipped_pipeline.segment_grid(liver.image[..., slab], liver.spacing, "liver", roi=roi)
+    assert (result.residuals.roi == roi).all() and not result.refined[~roi].any()
+    assert dice(result.refined, liver.tumor[..., slab]) > 0.2  # 0.37 here: the whole liver holds false positives too
+
+
+def test_unknown_calibration_rows_are_refused():
+    with pytest.raises(ValueError, match="unknown calibration rows"):
+        ZeroShotConfig(calibration=("specialist", "oracle_organ"))
+
+
 def test_a_region_of_interest_on_another_grid_is_refused(shipped_pipeline):
     case = phantoms.generate_case("liver", 0, SEEDS["test"], (64, 64, 32))
     with pytest.raises(InputError, match="region of interest has shape"):

@@ -151,6 +151,7 @@ def test_v2_training_is_resumable_2_5d_and_organ_aware(tmp_path):
     assert state["vae_step"] == 2 and state["unet_step"] == 0 and not (out / "vae").exists()
     assert (out / "checkpoints" / "vae_optimizer.safetensors").is_file()
     assert [sorted(point) for point in state["curves"]["vae"]] == [["lr", "step", "train", "validation"]]
+    assert state["seconds"]["vae"] > 0  # booked at the checkpoint, so a killed run keeps its time too
     train_foundation(out, replace(tiny, max_minutes=None), resume=True, progress=False, command="second")
     state = json.loads((out / "checkpoints" / "state.json").read_text())
     assert state["vae_step"] in (2, 4) and state["unet_step"] in (2, 4)  # at the cap, or earlier at a plateau

@@ -24,7 +24,8 @@ def add_benchmark(subparsers) -> None:
     which.add_argument("--setting", help="the zero-shot benchmark of a setting: loo, seen-unseen, mri, all (or one "
                        "setting's own name, e.g. loo-liver); writes results.json, table.md, per_case.csv to --out")
     parser.add_argument("--quick", action="store_true",
-                        help="--setting: the CI size (2 test cases per unseen category instead of 12)")
+                        help="--setting: the CI size (2 test cases per unseen category instead of 12; the calibration "
+                        "rows without the oracle ROI, which inpaints each case's whole organ once more)")
     parser.add_argument("--out", type=Path, help="--setting: folder for the results (one subfolder per setting)")
     parser.add_argument("--seed", type=int, default=0, help="--setting: inpainting and reconstruction seed (default 0)")
     parser.add_argument("--heads-cache", type=Path, help="--setting: folder of heads, one subfolder per setting "
@@ -66,9 +67,10 @@ def _run_benchmark(args) -> int:
 
 
 def _zero_shot(args) -> int:
-    from ..experiments.zero_shot import (FULL_TEST_PER_CATEGORY, QUICK_TEST_PER_CATEGORY, ZeroShotConfig,
-                                         add_supervised_upper_bound, benchmark_settings, combine_settings,
-                                         format_table, reusable_results, write_benchmark, zero_shot_benchmark)
+    from ..experiments.zero_shot import (CALIBRATION, FULL_TEST_PER_CATEGORY, QUICK_CALIBRATION, QUICK_TEST_PER_CATEGORY,
+                                         ZeroShotConfig, add_supervised_upper_bound, benchmark_settings,
+                                         combine_settings, format_table, reusable_results, write_benchmark,
+                                         zero_shot_benchmark)
     from ..data.splits import role_categories
     from ..training.recipes import setting_pipeline, specialist_for
 
@@ -88,7 +90,8 @@ def _zero_shot(args) -> int:
         specialists = {category: specialist_for(category, args.heads_cache, progress=True)
                        for category in role_categories(setting, "unseen")}  # the calibration rows' specialists
         config = ZeroShotConfig(setting=setting, seed=args.seed,
-                                test_per_category=QUICK_TEST_PER_CATEGORY if args.quick else FULL_TEST_PER_CATEGORY)
+                                test_per_category=QUICK_TEST_PER_CATEGORY if args.quick else FULL_TEST_PER_CATEGORY,
+                                calibration=QUICK_CALIBRATION if args.quick else tuple(CALIBRATION))
         results = reusable_results(args.out / setting, config, pipeline, specialists)
         if results is None:
             results = zero_shot_benchmark(config, pipeline=pipeline, specialists=specialists, progress=True)

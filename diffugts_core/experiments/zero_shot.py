@@ -47,6 +47,8 @@ RESIDUAL_GRID = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0
 # share of each tumor inside a region of interest: the full method's, and (with the calibration rows) the true organ's
 COVERAGES = ("roi_tumor_coverage", "oracle_roi_tumor_coverage")
 QUICK_TEST_PER_CATEGORY = 2  # CI size: minutes on 2 cores
+# the CI size's calibration rows: the oracle ROI (a second whole-organ inpainting, 2-4x a case's own) only at full size
+QUICK_CALIBRATION = ("specialist", "oracle_healthy")
 # per unseen category: with a per-case DSC spread of about 0.1 here, 12 cases put a category mean's standard error near
 # 0.03, in about 15 min per setting on 2 cores
 FULL_TEST_PER_CATEGORY = 12
@@ -61,13 +63,20 @@ class ZeroShotConfig:
     reconstruction_strength: float = 0.5  # share of the noise schedule the baseline noises to
     seed: int = 0
     inpaint_steps: int | None = None  # None: the pipeline's own (fewer only for tests)
+    calibration: tuple[str, ...] = tuple(CALIBRATION)
+
+    def __post_init__(self):
+        self.calibration = tuple(self.calibration)
+        unknown = [row for row in self.calibration if row not in CALIBRATION]
+        if unknown:
+            raise ValueError(f"unknown calibration rows {unknown}: choose from {', '.join(CALIBRATION)}")
 
 
 def case_masks(pipeline, case, config: ZeroShotConfig, thresholds: dict | None = None, *,
                specialist=None) -> tuple[dict, dict, dict]:
     """Every method on one case: (masks by method, or None where a threshold is still to be fitted; the score maps of
     the fitted methods with the region they may mark; facts about the case). With the category's ``specialist``
-    (``training.specialist.TrainedSpecialist``), the calibration rows too."""
+    (``training.specialist.TrainedSpecialist``), the calibration rows that ``config.calibration`` names too."""
     organ = CATEGORY_ORGAN[case.category]
     residual = pipeline.residual_head(case.modality)
     inpaint = replace(residual.config.inpaint, steps=config.inpaint_steps or residual.config.inpaint.steps)
@@ -99,12 +108,13 @@ def case_masks(pipeline, case, config: ZeroShotConfig, thresholds: dict | None =
              "roi_tumor_coverage": tumor_coverage(roi, case.tumor)}
     if specialist is not None:
         organ_roi = oracle_roi(case, residual.config.margin_mm)
-        masks |= {  # each row hands one stage what it has to find: the rows below the full method say what it lost
-            "specialist": specialist.segment(case.image, case.modality),
-            "oracle_roi": pipeline.segment_grid(case.image, case.spacing, organ, modality=case.modality,
-                                                seed=config.seed, inpaint=inpaint, roi=organ_roi).refined,
-            "oracle_healthy": head_mask(pipeline, case, roi, case.healthy, result.aova.anomaly),  # no inpainting
+        rows = {  # each row hands one stage what it has to find: the rows below the full method say what it lost
+            "specialist": lambda: specialist.segment(case.image, case.modality),
+            "oracle_roi": lambda: pipeline.segment_grid(case.image, case.spacing, organ, modality=case.modality,
+                                                        seed=config.seed, inpaint=inpaint, roi=organ_roi).refined,
+            "oracle_healthy": lambda: head_mask(pipeline, case, roi, case.healthy, result.aova.anomaly),  # no inpainting
         }
+        masks |= {row: rows[row]() for row in config.calibration}
         facts["oracle_roi_tumor_coverage"] = tumor_coverage(organ_roi, case.tumor)
     return masks, scores, facts
 
@@ -203,16 +213,16 @@ def zero_shot_benchmark(config: ZeroShotConfig = ZeroShotConfig(), *, pipeline=N
                  "auroc": round(detection_auroc([s["score"] for s in labelled], [s["label"] for s in labelled]), 4)
                  if len({s["label"] for s in labelled}) == 2 else None,
                  **{key: round(float(np.mean([r[key] for r in mine])), 4) for key in COVERAGES}}
-        for method in (*METHODS, *CALIBRATION):
+        for method in (*METHODS, *config.calibration):
             entry[f"dsc_{method}"] = round(float(np.mean([r[f"dsc_{method}"] for r in mine])), 4)
             entry[f"nsd_{method}"] = round(float(np.mean([r[f"nsd_{method}"] for r in mine])), 4)
         categories.append(entry)
     mean = {f"{metric}_{method}": round(float(np.mean([c[f"{metric}_{method}"] for c in categories])), 4)
-            for method in (*METHODS, *CALIBRATION) for metric in ("dsc", "nsd")}
+            for method in (*METHODS, *config.calibration) for metric in ("dsc", "nsd")}
     return {
         "setting": config.setting, "seen": list(heads.seen), "unseen": list(unseen),
         "config": asdict(config), "seeds": {"test": SEEDS["test"], "validation": SEEDS["validation"]},
-        "methods": METHODS, "calibration": CALIBRATION, "categories": categories, "mean_unseen": mean,
+        "methods": METHODS, "calibration": {row: CALIBRATION[row] for row in config.calibration}, "categories": categories, "mean_unseen": mean,
         "per_case": per_case, "thresholds": {**pipeline_thresholds(pipeline), "fitted_here": thresholds},
         "weights_sha256": pipeline.weights_sha256(),
         "specialists": specialist_summaries({category: specialists[category] for category in unseen}),
@@ -253,7 +263,7 @@ def reusable_results(folder: Path, config: ZeroShotConfig, pipeline, specialists
     results = json.loads(path.read_text())
     thresholds = json.loads(json.dumps(pipeline_thresholds(pipeline)))  # as the JSON round trip gives them
     brought = {k: v for k, v in results.get("thresholds", {}).items() if k != "fitted_here"}
-    if results.get("config") != asdict(config) or results.get("weights_sha256") != pipeline.weights_sha256() or \
+    if results.get("config") != json.loads(json.dumps(asdict(config))) or results.get("weights_sha256") != pipeline.weights_sha256() or \
             brought != thresholds or results.get("specialists") != specialist_summaries(specialists):
         return None
     timing = path.with_name("timing.json")

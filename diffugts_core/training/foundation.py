@@ -294,8 +294,13 @@ class _Run:
         minutes = self.config.max_minutes
         return minutes is not None and time.perf_counter() - self.started > 60 * minutes
 
-    def add_seconds(self, phase: str, seconds: float) -> None:
-        self.state["seconds"][phase] = self.state["seconds"].get(phase, 0.0) + seconds
+    clock: float = 0.0  # when the time of the current phase was last booked
+
+    def book_seconds(self, phase: str) -> None:
+        """Add the time since the last booking to ``phase``; booked at every checkpoint, so a stopped run keeps it."""
+        now = time.perf_counter()
+        self.state["seconds"][phase] = self.state["seconds"].get(phase, 0.0) + now - self.clock
+        self.clock = now
 
 
 def _stop(run: _Run, out: Path) -> Path:
@@ -336,7 +341,7 @@ def _train_vae(vae, data: HealthyVolumes, validation: HealthyVolumes | None, run
 
     vae.train()
     bar = tqdm(range(start, config.vae_steps), desc="VAE", disable=not progress, initial=start, total=config.vae_steps)
-    phase_start, losses = time.perf_counter(), []
+    run.clock, losses = time.perf_counter(), []
     for step in bar:
         _set_lr(optimizer, config.vae_lr, step, config.vae_steps, config, state, "vae")
         batch = data.stacks(torch.randint(len(data), (config.vae_batch,), generator=generator), context)
@@ -353,7 +358,7 @@ def _train_vae(vae, data: HealthyVolumes, validation: HealthyVolumes | None, run
         if _step(vae, optimizer, loss, step, config.vae_steps, "vae", run, losses,
                  validation_loss if validation is not None else None):
             break
-    run.add_seconds("vae", time.perf_counter() - phase_start)
+    run.book_seconds("vae")
 
 
 @torch.no_grad()
@@ -412,7 +417,7 @@ def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, 
     unet.train()
     bar = tqdm(range(start, config.unet_steps), desc="UNet", disable=not progress, initial=start,
                total=config.unet_steps)
-    phase_start, losses = time.perf_counter(), []
+    run.clock, losses = time.perf_counter(), []
     for step in bar:
         _set_lr(optimizer, config.unet_lr, step, config.unet_steps, config, state, "unet")
         pick = torch.randint(len(latents), (config.unet_batch,), generator=generator)
@@ -444,7 +449,7 @@ def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, 
         bar.set_postfix(mse=f"{losses[-1]:.4f}")
         if _step(unet, optimizer, loss, step, config.unet_steps, "unet", run, losses, validation_loss):
             break
-    run.add_seconds("unet", time.perf_counter() - phase_start)
+    run.book_seconds("unet")
 
 
 def square_crops(x: torch.Tensor, side: int, generator: torch.Generator) -> torch.Tensor:
@@ -487,6 +492,7 @@ def _step(model, optimizer, loss, step: int, total: int, name: str, run: _Run, l
         done = _plateau(state["plateau"].setdefault(name, {"best": None, "bad": 0, "decays": 0, "scale": 1.0}),
                         point["validation"], run.config)
     state["curves"][name].append(point)
+    run.book_seconds(name)
     if done and run.config.schedule == "plateau":
         state["plateau"][name]["reached"] = step + 1
     _checkpoint(model, optimizer, run.checkpoints, name, state)
