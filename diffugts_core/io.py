@@ -103,7 +103,7 @@ def load_volume(path: str | os.PathLike, *, role: str = "image", dtype=np.float3
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, EOFError, zlib.error, OSError,
             ValueError) as exc:
         raise InputError(
-            f"{path}: not a NIfTI file, or its header is damaged ({_one_line(exc)}); convert it first, e.g. DICOM with dcm2niix, "
+            f"{path}: not a NIfTI file, or its header is damaged ({one_line(exc)}); convert it first, e.g. DICOM with dcm2niix, "
             "other formats with nibabel or SimpleITK."
         ) from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -122,7 +122,7 @@ def load_volume(path: str | os.PathLike, *, role: str = "image", dtype=np.float3
         array = np.asanyarray(img.dataobj).reshape(shape)
     except (EOFError, zlib.error, OSError, ValueError) as exc:
         raise InputError(
-            f"{path}: could not read the voxel data ({_one_line(exc)}); the file is truncated or corrupt. "
+            f"{path}: could not read the voxel data ({one_line(exc)}); the file is truncated or corrupt. "
             "Copy or export it again."
         ) from None
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():  # before any integer cast
@@ -151,7 +151,7 @@ def load_volume(path: str | os.PathLike, *, role: str = "image", dtype=np.float3
     return Volume(array=array, affine=affine, path=path)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 

@@ -1,13 +1,22 @@
 """Frozen foundation diffusion models behind one protocol (see ``base.FrozenBackbone``)."""
 
+from pathlib import Path
+
 from .attention import capture_cross_attention, word_maps
 from .base import Conditioning, FrozenBackbone, IntensityMap
 from .diffusers2d import DiffusersSliceBackbone, SliceBackboneConfig
 from .registry import DEFAULT_MODEL, verified_model_path
 
 
-def load_backbone(name_or_path="default", *, device="auto", verify: bool = True) -> DiffusersSliceBackbone:
-    """The shipped phantom model (``"default"``), a diffusers model folder, or a hub id."""
+def load_backbone(name_or_path="default", *, device="auto", verify: bool = True) -> FrozenBackbone:
+    """The shipped phantom model (``"default"``), a diffusers model folder, a hub id, or a MAISI bundle folder."""
+    # a MAISI bundle keeps its network configs in configs/ (a diffusers folder has none); MONAI's generative networks
+    # are imported only for one
+    if (Path(str(name_or_path)).expanduser() / "configs").is_dir():
+        from .maisi import MaisiBackbone, is_maisi_bundle
+
+        if is_maisi_bundle(name_or_path):
+            return MaisiBackbone.from_bundle(name_or_path, device=device)
     return DiffusersSliceBackbone.from_pretrained(name_or_path, device=device, verify=verify)
 
 

@@ -9,6 +9,7 @@ protocol, so a 3D backbone (MAISI) plugs in beside the 2D slice-wise one: for a 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -98,3 +99,21 @@ def mri_intensity_map(volume: np.ndarray, lower_percentile: float = 0.0, upper_p
     if not upper > lower:
         raise InputError(f"the MRI volume is constant ({lower:g}); nothing to normalise")
     return IntensityMap((lower, upper), (-1.0, 1.0))
+
+
+@contextmanager
+def block_outputs(modules):
+    """Within the block, a list that holds each module's latest output (forward hooks, removed on leaving)."""
+    outputs: list = [None] * len(modules)
+
+    def keeper(i):
+        def hook(_module, _inputs, output):
+            outputs[i] = output
+        return hook
+
+    handles = [m.register_forward_hook(keeper(i)) for i, m in enumerate(modules)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -12,7 +12,6 @@ intensity knots, the text encoder the UNet was trained with).
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 from ..io import InputError, write_text_atomic
 from ..runtime import hub_unreachable_message, locate_pretrained, resolve_device
-from .base import Conditioning, IntensityMap, ct_intensity_map, mri_intensity_map
+from .base import Conditioning, IntensityMap, block_outputs, ct_intensity_map, mri_intensity_map
 
 BACKBONE_CONFIG = "diffugts_backbone.json"
 
@@ -176,7 +175,7 @@ class DiffusersSliceBackbone:
             blocks = list(encoder.down_blocks)[:3]
         else:
             blocks = [encoder.down_blocks[0].resnets[-1], encoder.down_blocks[-1], encoder.mid_block]
-        with _block_outputs(blocks) as outputs:
+        with block_outputs(blocks) as outputs:
             self.vae.encoder(x.to(self.device))
         return outputs
 
@@ -197,20 +196,3 @@ class DiffusersSliceBackbone:
                                  f"denoiser takes {organ_channels} organ channels on the latent grid")
             z_t = torch.cat([z_t, organs.to(self.device, z_t.dtype)], 1)
         return self.unet(z_t, t, encoder_hidden_states=cond.tokens.to(self.device), encoder_attention_mask=mask).sample
-
-
-@contextmanager
-def _block_outputs(modules):
-    outputs: list = [None] * len(modules)
-
-    def keeper(i):
-        def hook(_module, _inputs, output):
-            outputs[i] = output
-        return hook
-
-    handles = [m.register_forward_hook(keeper(i)) for i, m in enumerate(modules)]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
