@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import re
 import resource
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,3 +62,38 @@ def hub_unreachable_message(hub_id: str, what: str, reason: str) -> str:
 def peak_memory_mb() -> float:
     """The process's peak resident memory so far (Linux reports kB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def measured(device: torch.device):
+    """(seconds, peak MB above the level on entry) of the block, in a two-element list filled on leaving."""
+    result = [0.0, 0.0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base, start = torch.cuda.memory_allocated(device), time.perf_counter()
+        yield result
+        torch.cuda.synchronize(device)
+        result[:] = time.perf_counter() - start, (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+        return
+    base, peak, done = resident_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], resident_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
+        result[:] = seconds, max(peak[0], resident_mb()) - base
+
+
+def resident_mb() -> float:
+    """The process's resident set now (Linux: /proc/self/statm counts 4 kB pages)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2 ** 20

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import InputError, write_text_atomic
-from .common import model_inputs, optional_file
+from .common import model_inputs, optional_file, volume_shape
 
 
 def add_segment(subparsers) -> None:
@@ -20,14 +20,17 @@ def add_segment(subparsers) -> None:
         "to a pseudo-healthy image, residual head. The mask is written in the input's own grid "
         "and affine. IMAGE may be a folder of .nii/.nii.gz files or a CSV with columns image, "
         "organ (optional: modality, organ_mask, case_id); -o is then a folder, and a bad case is "
-        "reported and skipped while the rest go on (exit code 1 if any failed).")
-    parser.add_argument("image", type=Path, help="CT (HU) or MRI volume (.nii/.nii.gz), a folder of them, or a CSV")
+        "reported and skipped while the rest go on (exit code 1 if any failed). --dry-run only prints the estimated "
+        "time and peak memory of the run (IMAGE's size from its header, or --shape) and exits.")
+    parser.add_argument("image", type=Path, nargs="?",
+                        help="CT (HU) or MRI volume (.nii/.nii.gz), a folder of them, or a CSV")
     parser.add_argument("--organ", help="organ to look in, e.g. liver, lung, colon, brain (a CSV may give it per "
                         "case)")
     parser.add_argument("--prompt", help="free-text abnormal prompt, e.g. 'a CT scan of a spleen with a lesion'")
     parser.add_argument("--modality", default="CT", type=str.upper, choices=("CT", "MRI"))
     parser.add_argument("--organ-mask", type=Path, help="binary organ mask on the image grid (else found by the maps)")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="mask file (.nii.gz), or a folder in batch mode")
+    parser.add_argument("-o", "--out", type=Path, help="mask file (.nii.gz), or a folder in batch mode (required "
+                        "unless --dry-run)")
     parser.add_argument("--save-intermediates", type=Path, metavar="DIR",
                         help="also write S, regions, ROI, pseudo-healthy, residuals and probabilities (input grid)")
     parser.add_argument("--report", type=Path, help="JSON report (default: beside the mask)")
@@ -40,12 +43,27 @@ def add_segment(subparsers) -> None:
     parser.add_argument("--model", default="default", help="foundation model (default: the shipped one)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the estimated time and peak memory of the run on this device, then exit: "
+                        "nothing is segmented or written, no weights are read")
+    parser.add_argument("--shape", type=volume_shape, metavar="X,Y,Z",
+                        help="with --dry-run and no IMAGE: the case's size in voxels (on the model's grid)")
+    parser.add_argument("--lesion-share", type=float, default=0.05,
+                        help="with --dry-run and a MAISI bundle: the lesion's share of the volume that sets the "
+                        "inpainting window (default 0.05)")
     parser.set_defaults(run=_run_segment, paths=_segment_paths)
 
 
 def _segment_paths(args):
     from ..reports import segment_cases
 
+    if args.dry_run:
+        return [p for p in (args.image,) if p is not None], []  # reads at most a header, writes nothing
+    missing = [name for name, value in (("IMAGE", args.image), ("-o/--out", args.out)) if value is None]
+    if missing:
+        raise InputError(f"segment needs {' and '.join(missing)} (only --dry-run runs without them)")
+    if args.shape is not None:
+        raise InputError("--shape sizes a --dry-run estimate; a run reads the size of IMAGE")
     if _is_batch(args.image) and (args.report or args.png):
         raise InputError("--report and --png name one file each; in batch mode they are written beside each mask")
     cases = segment_cases(args.image, organ=args.organ, modality=args.modality, organ_mask=args.organ_mask,
@@ -61,16 +79,22 @@ def _segment_paths(args):
 
 
 def _run_segment(args) -> int:
+    from ..experiments.dry_run import is_maisi_model
     from ..pipeline import DiffuGTSPipeline
     from ..reports import segment_cases
     from ..text import check_organ, check_prompt
 
+    if args.dry_run:
+        return _dry_run(args)
     if args.prompt is not None:
         args.prompt = check_prompt(args.prompt)  # before any model loads
     if args.organ is not None:
         args.organ = check_organ(args.organ)
     if args.seeds < 1:
         raise InputError(f"--seeds must be at least 1, got {args.seeds}")
+    if is_maisi_model(args.model):
+        raise InputError(f"{args.model}: a MAISI bundle loads, but segmenting with it needs the 3D pipeline stages, "
+                         "which are not built yet; --dry-run estimates such a run")
     cases = segment_cases(args.image, organ=args.organ, modality=args.modality, organ_mask=args.organ_mask,
                           out=args.out)
     batch = _is_batch(args.image)
@@ -95,6 +119,23 @@ def _run_segment(args) -> int:
     if batch:
         print(f"{len(cases) - failed} of {len(cases)} cases segmented" + (f", {failed} skipped" if failed else ""))
     return 1 if failed else 0
+
+
+def _dry_run(args) -> int:
+    from ..experiments.dry_run import case_size, estimate_segment_run, format_estimate
+
+    if (args.image is None) == (args.shape is None):
+        raise InputError("--dry-run estimates one case: pass IMAGE (its size is read from the header) or "
+                         "--shape X,Y,Z, not both")
+    if args.image is not None and _is_batch(args.image):
+        raise InputError(f"{args.image}: --dry-run estimates one case; pass one of its NIfTI files")
+    if args.seeds < 1:
+        raise InputError(f"--seeds must be at least 1, got {args.seeds}")
+    shape, affine = case_size(args.image) if args.image is not None else (args.shape, None)
+    estimate = estimate_segment_run(args.model, shape=shape, affine=affine, modality=args.modality, heads=args.heads,
+                                    seeds=args.seeds, lesion_share=args.lesion_share, device=args.device)
+    print(format_estimate(estimate))
+    return 0
 
 
 def _is_batch(source: Path) -> bool:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +23,7 @@ from monai.networks.schedulers import RFlowScheduler
 
 from ..backbone.maisi import CUDA_ONLY_FLAGS, MaisiBackbone, write_tiny_bundle
 from ..inpaint3d import VolumeInpaintConfig, inpaint_volume, inpainting_window
-from ..runtime import resolve_device
+from ..runtime import measured, resolve_device
 
 # MAISI's networks at their real size (NV-Generate-CT configs/config_network_rflow.json; MONAI 1.6.1 classes)
 REAL_AUTOENCODER = {
@@ -84,41 +81,6 @@ def lesion_case(shape: tuple[int, int, int], share: float) -> tuple[np.ndarray, 
     return np.where(lesion, image + 150.0, image).astype(np.float32), lesion
 
 
-@contextmanager
-def peak_memory(device: torch.device):
-    """Peak memory of the block in MB, in a one-element list filled on leaving: allocated GPU memory on CUDA,
-    else the rise of the process's resident set above its level on entry (sampled every 5 ms)."""
-    result = [0.0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        yield result
-        torch.cuda.synchronize(device)
-        result[0] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-        return
-    page = 4096  # /proc/self/statm counts pages
-    base, peak, done = _resident_pages(), [0], threading.Event()
-
-    def sample():
-        while not done.wait(0.005):
-            peak[0] = max(peak[0], _resident_pages())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield result
-    finally:
-        done.set()
-        sampler.join()
-        peak[0] = max(peak[0], _resident_pages())
-        result[0] = max(peak[0] - base, 0) * page / 2 ** 20
-
-
-def _resident_pages() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1])
-
-
 def measure(backbone, model: str, shape, share: float, config: VolumeInpaintConfig = MEASURE_CONFIG) -> list[RoiRow]:
     """Crop then whole volume on one case (the crop first, so memory the whole run frees cannot hide the crop's).
     A crop whose window is the whole grid is the whole volume's run and is not run twice."""
@@ -130,12 +92,10 @@ def measure(backbone, model: str, shape, share: float, config: VolumeInpaintConf
             rows.append(replace(rows[0], path="whole"))
             rows[0].path = "crop (= whole: the window covers the grid)"
             continue
-        with peak_memory(backbone.device) as peak:
-            start = time.perf_counter()
+        with measured(backbone.device) as cost:
             inpaint_volume(backbone, image, "CT", roi, config, crop=path == "crop")
-            seconds = time.perf_counter() - start
         voxels = int(np.prod([s.stop - s.start for s in window.voxels]))
-        rows.append(RoiRow(model, tuple(shape), float(roi.mean()), path, window.cells, voxels, seconds, peak[0]))
+        rows.append(RoiRow(model, tuple(shape), float(roi.mean()), path, window.cells, voxels, *cost))
     return rows
 
 
