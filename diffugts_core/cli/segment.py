@@ -79,7 +79,7 @@ def _segment_paths(args):
 
 
 def _run_segment(args) -> int:
-    from ..experiments.dry_run import is_maisi_model
+    from ..backbone import is_maisi_model
     from ..pipeline import DiffuGTSPipeline
     from ..reports import segment_cases
     from ..text import check_organ, check_prompt

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..backbone import is_maisi_model
 from ..io import InputError, Volume
 from ..preprocess import model_grid_plan
 from ..runtime import measured, resident_mb, resolve_device
@@ -88,15 +89,6 @@ class RunEstimate:
 
 
 # ---- the networks, from the configuration alone ----------------------------------------------------------------------
-def is_maisi_model(model: str | Path) -> bool:
-    # as backbone.load_backbone tells them apart: a MAISI bundle keeps its configs in configs/ (MONAI only then)
-    if not (Path(str(model)).expanduser() / "configs").is_dir():
-        return False
-    from ..backbone.maisi import is_maisi_bundle
-
-    return is_maisi_bundle(model)
-
-
 def maisi_networks(folder: str | Path, device: torch.device):
     """A ``MaisiBackbone`` with the bundle's networks at random weights: only its network config is read."""
     from ..backbone.maisi import (BUNDLE_LAYOUTS, CUDA_ONLY_FLAGS, AutoencoderKlMaisi, DiffusionModelUNetMaisi,
