@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/diffugts demo
 
+# One worker per core, a test file on one worker (tests/conftest.py keeps each worker to one thread).
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest; status=$$?; \
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests ran" >&2; fi; exit $$status
 
 clean-venv:

@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if "PYTEST_XDIST_WORKER" in os.environ:  # `make test` runs a worker per core: one thread each, kernels included
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -14,6 +16,20 @@ from diffugts_core import vocabulary  # noqa: E402
 SMALL_SHAPE = (64, 64, 32)
 
 
+# The longest test files, longest first (junit times of a `make test` run): under `make test` (`pytest -n auto --dist
+# loadfile --no-loadscope-reorder`, files in collection order) the workers start on them, and the short files fill in
+# at the end instead of one long file running alone.
+LONGEST_FIRST = ("test_quick_benchmark.py", "test_pipeline.py", "test_notebooks.py", "test_heads.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory):
     """One small case per category plus two healthy ones, written to disk once per session."""
@@ -21,20 +37,3 @@ def small_cohort(tmp_path_factory):
     records = phantoms.generate_cohort(out, vocabulary.CATEGORIES, per_category=1, healthy=2, seed=0,
                                        shape=SMALL_SHAPE, progress=False)
     return out, records
-
-
-@pytest.fixture(scope="session")
-def quick_benchmark(tmp_path_factory):
-    """The regression notebook executed once per session: its output folder (results.json, metrics.json, table.md).
-    The gate, notebook 07 and the determinism test all read this one run of the quick benchmark."""
-    from pathlib import Path
-
-    papermill = pytest.importorskip("papermill")
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path_factory.mktemp("quick_benchmark")
-    executed = root / "artifacts" / "notebooks" / "regression"
-    executed.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(str(root / "notebooks" / "regression" / "zero_shot_regression.ipynb"),
-                               str(executed / "zero_shot_regression.ipynb"), parameters={"OUTPUT_DIR": str(out)},
-                               kernel_name="python3", cwd=str(root), progress_bar=False)
-    return out
