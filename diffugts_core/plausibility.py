@@ -70,6 +70,18 @@ def prompt_set_warnings(text_encoder: TextEncoder, prompt_set, organ: str, *, or
             + prompt_warnings(text_encoder, [text for texts in prompt_set.texts for text in texts]))
 
 
+def model_warnings(backbone) -> list[str]:
+    """A foundation model trained on PhantomBench only (what ``diffugts train-foundation`` writes, the shipped default
+    among them): it knows no real anatomy, so its masks on a real scan mean little."""
+    cases = getattr(getattr(backbone, "config", None), "extra", {}).get("data_cases", [])
+    if not cases:
+        return []
+    return [f"the foundation model was trained on {len(cases)} synthetic PhantomBench volumes only and has never seen "
+            "real anatomy: on a real CT or MRI its pseudo-healthy image, and so its mask, are not to be trusted. "
+            "Use it to learn the method; for real scans the method needs a foundation model trained on real images "
+            "(MAISI: README, 'Using MAISI')."]
+
+
 def emit(messages: list[str]) -> list[str]:
     """Issue each message as an InputWarning; returns them (for the report)."""
     for message in messages:

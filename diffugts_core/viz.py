@@ -252,6 +252,53 @@ def benchmark_bars(results: dict, metric: str = "dsc") -> plt.Figure:
     return fig
 
 
+# Where each edge of a displayed slice points (left, right, top, bottom), as ``view_slice`` turns it.
+VIEW_EDGES = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), "sagittal": ("A", "P", "S", "I")}
+CT_HU_BANDS = {"air": (-1100, -900), "fat": (-150, -50), "soft tissue": (0, 100), "bone": (300, 2000)}
+
+
+def scan_overview(image: np.ndarray, spacing, modality: str = "CT", *, title: str | None = None) -> plt.Figure:
+    """A first look at a scan (a RAS array): the middle axial, coronal and sagittal slices with their orientation
+    letters, a 5 cm scale bar and millimetres drawn square, and the histogram of its intensities (CT: HU, with the
+    bands of air, fat, soft tissue and bone)."""
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.4), layout="constrained",
+                             gridspec_kw={"width_ratios": [1, 1, 1, 1.3]})
+    grey = display_image(image, modality)
+    for ax, view in zip(axes, ("axial", "coronal", "sagittal")):
+        k = image.shape[VIEW_AXES[view]] // 2
+        ax.imshow(view_slice(grey, view, k), cmap="gray", vmin=0, vmax=1, aspect=view_aspect(spacing, view))
+        left, right, top, bottom = VIEW_EDGES[view]
+        style = {"color": "yellow", "fontsize": 9, "fontweight": "bold", "transform": ax.transAxes}
+        ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+        ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+        ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+        ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+        column_mm = spacing[[a for a in range(3) if a != VIEW_AXES[view]][0]]  # displayed columns run along this axis
+        rows, columns = view_slice(grey, view, k).shape
+        start, bar = 0.06 * columns, 50.0 / column_mm
+        ax.plot([start, start + bar], [0.9 * rows] * 2, color="white", linewidth=2)
+        ax.text(start + bar / 2, 0.87 * rows, "5 cm", color="white", fontsize=7, ha="center", va="bottom")
+        ax.set_title(f"{view}, slice {k}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    values = np.asarray(image, np.float32).ravel()
+    hist = axes[3]
+    if modality.upper() == "CT":
+        hist.hist(np.clip(values, -1100, 2000), bins=200, color="grey", log=True)
+        for (name, (low, high)), colour in zip(CT_HU_BANDS.items(), ("#1f77b4", "#f2e394", "#c0504d", "#9467bd")):
+            hist.axvspan(low, high, color=colour, alpha=0.35, label=name)
+        hist.set_xlabel("HU")
+        hist.legend(fontsize=7, loc="upper right")
+    else:
+        hist.hist(values, bins=200, color="grey", log=True)
+        hist.set_xlabel("intensity (arbitrary units)")
+    hist.set_ylabel("voxels (log)")
+    hist.set_title("intensities", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
     """Save a figure as PNG atomically and close it."""
     path = Path(path)

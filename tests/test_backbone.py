@@ -201,3 +201,12 @@ def test_an_organ_aware_denoiser_reads_the_organ_map_and_an_absent_map_is_an_emp
     torch.testing.assert_close(without, backbone.denoise(z, 500, replace(text_cond(), organs=organs * 0)))
     with pytest.raises(ValueError, match="7 organ channels"):
         backbone.denoise(z, 500, replace(text_cond(), organs=organs[:, :3]))
+
+
+def test_a_model_trained_on_phantoms_says_so_and_another_does_not():
+    from diffugts_core.backbone import load_backbone
+    from diffugts_core.plausibility import model_warnings
+
+    shipped = model_warnings(load_backbone("default", device="cpu"))
+    assert len(shipped) == 1 and "36 synthetic PhantomBench volumes" in shipped[0] and "real anatomy" in shipped[0]
+    assert model_warnings(tiny_backbone()) == []  # no training record: not known to be a phantom model

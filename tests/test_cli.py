@@ -17,7 +17,7 @@ from diffugts_core.metrics import dice
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["demo", "phantoms", "evaluate", "manifests", "train-heads", "detect", "evaluate-aova", "segment",
                "evaluate-refinement", "benchmark", "regression-gate", "train-foundation", "check-foundation",
-               "train-specialist"]
+               "train-specialist", "notebooks"]
 
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in SUBCOMMANDS]])

@@ -12,6 +12,7 @@ import yaml
 
 from diffugts_core.io import CaseRecord, InputError
 from diffugts_core.data.manifests import (
+    find_scan,
     CT_CATEGORIES,
     MANIFEST_PACKAGE,
     REQUIRED_KEYS,
@@ -340,6 +341,22 @@ def test_phantombench_records_and_masks(tmp_path):
     assert int(load_organ_mask(liver).array.sum()) == 9  # liver + hepatic vessels, not fat or kidney
     assert int(load_organ_mask(brain).array.sum()) == 4
     assert int(load_tumor_mask(healthy).array.sum()) == 0 and load_organ_mask(healthy) is None
+
+
+def test_find_scan_takes_a_file_or_a_case_of_a_dataset_folder(tmp_path):
+    from diffugts_core.data import phantoms
+
+    records = phantoms.generate_cohort(tmp_path / "cohort", ["liver", "lung"], per_category=1, healthy=0, seed=0,
+                                       shape=(16, 16, 16), progress=False)
+    assert find_scan(records[1].image) == (records[1].image, None)  # a NIfTI file is itself
+    first, record = find_scan(tmp_path / "cohort", "phantombench")
+    assert first == records[0].image and record.case_id == records[0].case_id and record.tumor is not None
+    assert find_scan(tmp_path / "cohort", "phantombench", "lung_000")[0] == records[1].image
+    for args, says in (((tmp_path / "cohort",), "name its dataset manifest"),
+                       ((tmp_path / "cohort", "phantombench", "colon_000"), "no case 'colon_000'"),
+                       ((records[0].image, "phantombench"), "not a folder")):
+        with pytest.raises(InputError, match=says):
+            find_scan(*args)
 
 
 def test_organ_mask_of_a_record_straight_from_the_generator(tmp_path):

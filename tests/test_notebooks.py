@@ -1,9 +1,11 @@
 """Every notebook runs in smoke mode (papermill -p SMOKE True); committed copies carry no outputs."""
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +27,26 @@ def test_committed_notebook_is_clean(path):
         assert name in code[0].source
     source = "\n".join(cell.source for cell in code)
     assert "sys.path" not in source and ".cuda(" not in source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_links_to_its_neighbours_at_top_and_bottom(path):
+    notebook = nbformat.read(path, as_version=4)
+    index = NOTEBOOKS.index(path)
+    top = next(line for line in notebook.cells[0].source.splitlines() if line.startswith("[Contents]"))
+    bottom = notebook.cells[-1].source
+    assert notebook.cells[-1].cell_type == "markdown"
+    for navigation in (top, bottom):
+        assert "[Contents](../README.md#notebooks)" in navigation
+        for word, neighbour in (("Previous", index - 1), ("Next", index + 1)):
+            if 0 <= neighbour < len(NOTEBOOKS):
+                assert re.search(rf"{word}\**: \[[^]]+\]\({re.escape(NOTEBOOKS[neighbour].name)}\)", navigation), word
+            else:
+                assert word not in navigation
+    if index == 0:  # the quickstart's contents lists every notebook
+        contents = next(c.source for c in notebook.cells if "**Contents**" in c.source)
+        assert all(f"]({p.name})" in contents for p in NOTEBOOKS)
+    assert "## Notebooks" in (ROOT / "README.md").read_text()
 
 
 def _execute(path: Path, output_dir: Path, **parameters) -> nbformat.NotebookNode:
@@ -131,17 +153,28 @@ def test_06_residual_refinement(tmp_path):
 
 
 @pytest.mark.notebook
-def test_07_zero_shot_benchmark(tmp_path, quick_benchmark):
-    """Notebook 07 on the quick benchmark's results (the regression notebook's run, so CI runs the benchmark once);
-    the cases it shows are run again in the notebook and must give the table's DSC."""
-    from diffugts_core.experiments.zero_shot import METHODS
+def test_08_your_own_scan(tmp_path):
+    """Notebook 08 on a phantom written to disk as a user's file would arrive (LPS, another folder): the mask lands on
+    the tumor in the file's own grid and affine, the phantom model's warning is shown, the scan is left untouched."""
+    from diffugts_core.data import phantoms
+    from diffugts_core.io import load_volume
+    from diffugts_core.metrics import dice
 
-    _execute(ROOT / "notebooks" / "07_zero_shot_benchmark.ipynb", tmp_path, RESULTS=str(quick_benchmark))
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    results = json.loads((quick_benchmark / "results.json").read_text())
-    assert summary["setting"] == "seen-unseen" and summary["cases"] == len(results["per_case"]) == 6
-    assert summary["methods"] == list(METHODS) and summary["mean_unseen"] == results["mean_unseen"]
-    ranked = sorted(results["per_case"], key=lambda row: row["dsc_full"])
-    assert summary["shown"] == {"worst": ranked[0]["case"], "best": ranked[-1]["case"]}
-    assert summary["shown_dsc_recomputed"] == {"worst": ranked[0]["dsc_full"], "best": ranked[-1]["dsc_full"]}
-    assert ranked[-1]["dsc_full"] > 0  # the best case shown has a mask on its tumor
+    from .test_cli import _write_reoriented
+
+    scan = tmp_path / "my_scans" / "patient_007.nii.gz"
+    scan.parent.mkdir()
+    tumor, _, affine = _write_reoriented(phantoms.generate_case("liver", 1, 3000), "LPS", scan)
+    before = scan.read_bytes()
+    notebook = _execute(ROOT / "notebooks" / "08_your_own_scan.ipynb", tmp_path / "out", IMAGE=str(scan),
+                        ORGAN="liver", MODALITY="CT")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    mask = load_volume(summary["mask_file"])
+    assert mask.shape == tumor.shape and np.allclose(mask.affine, affine)
+    assert dice(mask.array > 0, tumor) > 0.35, dice(mask.array > 0, tumor)  # on the tumor, in the file's voxel order
+    assert scan.read_bytes() == before and sorted(p.name for p in scan.parent.iterdir()) == ["patient_007.nii.gz"]
+    shown = "".join(o.get("data", {}).get("text/markdown", "") for c in notebook.cells if c.cell_type == "code"
+                    for o in c.outputs)
+    assert "**Warning:**" in shown and "never seen real anatomy" in shown
+    assert any("never seen real anatomy" in w for w in summary["warnings"])
+    assert (tmp_path / "out" / "patient_007_mask_report.json").is_file()

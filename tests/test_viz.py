@@ -2,6 +2,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
@@ -133,3 +134,19 @@ def test_benchmark_bars_draw_one_bar_per_method_and_group_and_leave_n_a_empty():
     heights = [bar.get_height() for bar in fig.axes[0].patches]
     assert heights[:2] == [0.3, 0.3] and np.isnan(heights[2:]).all()  # brain and mean: DiffuGTS drawn, no bound
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["brain", "mean"]
+
+
+def test_scan_overview_marks_orientation_scale_and_hu_bands():
+    volume = np.full((40, 30, 20), -1000.0)
+    volume[10:30, 5:25, 5:15] = 40.0
+    fig = viz.scan_overview(volume, (1.0, 2.0, 4.0), "CT")
+    views = fig.axes[:3]
+    letters = [sorted(t.get_text() for t in ax.texts if len(t.get_text()) == 1) for ax in views]
+    assert letters == [sorted("RLAP"), sorted("RLSI"), sorted("APSI")]
+    for ax, column_mm in zip(views, (1.0, 1.0, 2.0)):  # displayed columns run along x, x, y
+        (x0, x1), _ = ax.lines[0].get_data()
+        assert x1 - x0 == pytest.approx(50.0 / column_mm)  # the 5 cm bar in the view's own pixels
+        assert any(t.get_text() == "5 cm" for t in ax.texts)
+    assert fig.axes[3].get_xlabel() == "HU"
+    assert [t.get_text() for t in fig.axes[3].get_legend().get_texts()] == list(viz.CT_HU_BANDS)
+    plt.close(fig)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
-from . import benchmark, data, demo, foundation, heads, segment, specialist
+from . import benchmark, course, data, demo, foundation, heads, segment, specialist
 from .common import run_command
 
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
             foundation.add_train_foundation, foundation.add_check_foundation,
             heads.add_train_heads, heads.add_detect, heads.add_evaluate_aova,
             segment.add_segment, segment.add_evaluate_refinement,
-            specialist.add_train_specialist, benchmark.add_benchmark, benchmark.add_regression_gate):
+            specialist.add_train_specialist, benchmark.add_benchmark, benchmark.add_regression_gate,
+            course.add_notebooks):
         add_subcommand(subparsers)
     return parser

@@ -156,6 +156,31 @@ def load_dataset(manifest: Manifest | str, root: str | Path) -> list[CaseRecord]
     return loaders[manifest.layout](manifest, root)
 
 
+def find_scan(image: str | Path, dataset: str | None = None, case: str | None = None) -> tuple[Path, CaseRecord | None]:
+    """The image file of a scan: ``image`` itself (a NIfTI file), or, when ``image`` is a dataset folder, the case
+    ``case`` (default: its first) of that folder read through the manifest ``dataset``, with its record (tumor and
+    organ labels, where the dataset has them)."""
+    image = Path(image).expanduser()
+    if not image.is_dir():
+        if dataset is not None or case is not None:
+            raise InputError(f"{image}: not a folder; a dataset and a case pick a scan from a dataset folder. Pass the "
+                             "folder, or leave the dataset and the case out for a single NIfTI file.")
+        return image, None
+    if dataset is None:
+        raise InputError(f"{image}: is a folder; name its dataset manifest ({', '.join(list_manifests())}) to pick a "
+                         "case from it, or pass a NIfTI file.")
+    records = load_dataset(dataset, image)
+    if not records:
+        raise InputError(f"{image}: no cases found through the manifest {dataset!r}.")
+    if case is None:
+        return records[0].image, records[0]
+    chosen = [record for record in records if record.case_id == case]
+    if not chosen:
+        shown = ", ".join(record.case_id for record in records[:5]) + (", ..." if len(records) > 5 else "")
+        raise InputError(f"{image}: no case {case!r} in this {dataset} folder; its cases: {shown}")
+    return chosen[0].image, chosen[0]
+
+
 def _not_found(manifest: Manifest, path: Path, what: str) -> InputError:
     if manifest.kind == "synthetic":
         fix = f"Generate it with: {manifest.source['download']}."
