@@ -16,6 +16,7 @@ from matplotlib.colors import ListedColormap
 
 from .io import atomic_path
 from .preprocess import CT_WINDOWS, normalize_mri
+from .vocabulary import ORGAN_LABELS
 
 # One colour per organ label id (see ORGAN_LABELS); index 0 is transparent.
 _ORGAN_COLOURS = {
@@ -80,11 +81,14 @@ def tumor_centre_slice(tumor: np.ndarray) -> int:
 
 def montage(image: np.ndarray, *, modality: str = "CT", window: str = "soft_tissue", organs=None, tumor=None,
             maps: dict[str, np.ndarray] | None = None, images: dict[str, np.ndarray] | None = None, truth=None,
-            slices=None, n_slices: int = 6, alpha: float = 0.4, title: str | None = None) -> plt.Figure:
+            slices=None, n_slices: int = 6, alpha: float = 0.4, title: str | None = None,
+            tumor_label: str = "tumor") -> plt.Figure:
     """A grid of axial slices: the image, other images in the same window (``images``, e.g. a pseudo-healthy one),
     the image with organs, then each float map.
 
-    The tumor (if given) is drawn as a red contour on every panel, a reference mask (``truth``) in cyan.
+    The tumor (if given) is drawn as a red contour on every panel, named ``tumor_label`` in the legend ("mask" when it
+    is a method's mask), a reference mask (``truth``) in cyan. Each map row has one colour scale for all its slices
+    (the map's range over the volume) and a colour bar; the organ row a legend of the organs present.
     """
     grey = display_image(image, modality, window)
     slices = list(slices) if slices is not None else pick_slices(image.shape[2], n_slices,
@@ -94,17 +98,19 @@ def montage(image: np.ndarray, *, modality: str = "CT", window: str = "soft_tiss
     if organs is not None:
         rows.append(("organs", organs))
     rows += list((maps or {}).items())
-    fig, axes = plt.subplots(len(rows), len(slices), figsize=(2.2 * len(slices), 2.3 * len(rows)), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(len(rows), len(slices), figsize=(2.2 * len(slices) + 0.8, 2.3 * len(rows)),
+                             squeeze=False, layout="constrained")
     for r, (name, layer) in enumerate(rows):
+        grey_row = name in greys
+        if layer is not None and not grey_row and name != "organs":
+            scale = {"vmin": min(0.0, float(np.min(layer))), "vmax": max(float(np.max(layer)), 1e-6)}
         for c, k in enumerate(slices):
             ax = axes[r, c]
-            grey_row = name in greys
             ax.imshow(axial(layer if grey_row and layer is not None else grey, k), cmap="gray", vmin=0, vmax=1)
             if name == "organs" and not grey_row:
                 ax.imshow(axial(layer, k), cmap=ORGAN_CMAP, vmin=0, vmax=22, alpha=alpha, interpolation="nearest")
             elif layer is not None and not grey_row:
-                ax.imshow(axial(layer, k), cmap="magma", alpha=alpha + 0.2)
+                shown = ax.imshow(axial(layer, k), cmap="magma", alpha=alpha + 0.2, **scale)
             if tumor is not None and np.any(axial(tumor, k)):
                 ax.contour(axial(tumor, k), levels=[0.5], colors="red", linewidths=0.8)
             if truth is not None and np.any(axial(truth, k)):
@@ -115,6 +121,18 @@ def montage(image: np.ndarray, *, modality: str = "CT", window: str = "soft_tiss
                 ax.set_title(f"z = {k}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(name, fontsize=9)
+        if layer is not None and not grey_row and name != "organs":
+            fig.colorbar(shown, ax=axes[r, :], fraction=0.02, pad=0.01)
+        if name == "organs":
+            present = [int(i) for i in np.unique(np.take(layer, slices, axis=2)) if i > 0]
+            names = {i: n for n, i in ORGAN_LABELS.items()}
+            axes[r, -1].legend(handles=[plt.Rectangle((0, 0), 1, 1, color=ORGAN_CMAP(i), label=names.get(i, str(i)))
+                                        for i in present], fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5),
+                               frameon=False)
+    outlines = [plt.Line2D([], [], color=colour, label=label) for mask, colour, label in
+                ((tumor, "red", tumor_label), (truth, "cyan", "truth")) if mask is not None]
+    if outlines:
+        fig.legend(handles=outlines, loc="outside lower center", ncols=len(outlines), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -126,20 +144,25 @@ def overlay_panels(image: np.ndarray, maps: dict[str, np.ndarray], k: int, *, mo
     """One axial slice ``k``, one panel per float map (3D volumes or 2D slices), the image beneath each.
 
     Maps of another in-plane size (a coarse stage, a latent grid) are stretched over the image. ``contour``
-    (a 3D mask, e.g. the tumor) is drawn in red on every panel; ``vmax=None`` scales each map to its maximum.
+    (a 3D mask, e.g. the tumor) is drawn in red on every panel. The maps share one colour scale, [0, ``vmax``], and
+    one colour bar; ``vmax=None`` scales each map to its own maximum, with a colour bar each.
     """
     grey = axial(display_image(image, modality, window), k)
-    fig, axes = plt.subplots(1, len(maps), figsize=(2.6 * len(maps), 2.9), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, len(maps), figsize=(2.6 * len(maps) + 0.5, 2.9), squeeze=False, layout="constrained")
     extent = (-0.5, grey.shape[1] - 0.5, grey.shape[0] - 0.5, -0.5)
     for ax, (name, layer) in zip(axes[0], maps.items()):
         plane = axial(layer, k) if np.ndim(layer) == 3 else display_plane(layer)
         ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
-        ax.imshow(plane, cmap="magma", alpha=alpha, vmin=0, vmax=vmax, extent=extent, interpolation="bilinear")
+        shown = ax.imshow(plane, cmap="magma", alpha=alpha, vmin=0, vmax=vmax, extent=extent, interpolation="bilinear")
+        if vmax is None:
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
         if contour is not None and np.any(axial(contour, k)):
             ax.contour(axial(contour, k), levels=[0.5], colors="red", linewidths=0.8)
         ax.set_title(name, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
+    if vmax is not None:
+        fig.colorbar(shown, ax=axes[0, :], fraction=0.03, pad=0.01)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -257,6 +280,21 @@ VIEW_EDGES = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), "s
 CT_HU_BANDS = {"air": (-1100, -900), "fat": (-150, -50), "soft tissue": (0, 100), "bone": (300, 2000)}
 
 
+def mark_orientation(ax, view: str, spacing, plane_shape, bar_mm: float = 50.0) -> None:
+    """Orientation letters on the four edges of a displayed slice and a scale bar of ``bar_mm`` (white, bottom left)."""
+    left, right, top, bottom = VIEW_EDGES[view]
+    style = {"color": "yellow", "fontsize": 9, "fontweight": "bold", "transform": ax.transAxes}
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+    column_mm = spacing[[a for a in range(3) if a != VIEW_AXES[view]][0]]  # displayed columns run along this axis
+    rows, columns = plane_shape
+    start, bar = 0.06 * columns, bar_mm / column_mm
+    ax.plot([start, start + bar], [0.9 * rows] * 2, color="white", linewidth=2)
+    ax.text(start + bar / 2, 0.87 * rows, f"{bar_mm / 10:g} cm", color="white", fontsize=7, ha="center", va="bottom")
+
+
 def scan_overview(image: np.ndarray, spacing, modality: str = "CT", *, title: str | None = None) -> plt.Figure:
     """A first look at a scan (a RAS array): the middle axial, coronal and sagittal slices with their orientation
     letters, a 5 cm scale bar and millimetres drawn square, and the histogram of its intensities (CT: HU, with the
@@ -267,17 +305,7 @@ def scan_overview(image: np.ndarray, spacing, modality: str = "CT", *, title: st
     for ax, view in zip(axes, ("axial", "coronal", "sagittal")):
         k = image.shape[VIEW_AXES[view]] // 2
         ax.imshow(view_slice(grey, view, k), cmap="gray", vmin=0, vmax=1, aspect=view_aspect(spacing, view))
-        left, right, top, bottom = VIEW_EDGES[view]
-        style = {"color": "yellow", "fontsize": 9, "fontweight": "bold", "transform": ax.transAxes}
-        ax.text(0.02, 0.5, left, ha="left", va="center", **style)
-        ax.text(0.98, 0.5, right, ha="right", va="center", **style)
-        ax.text(0.5, 0.98, top, ha="center", va="top", **style)
-        ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
-        column_mm = spacing[[a for a in range(3) if a != VIEW_AXES[view]][0]]  # displayed columns run along this axis
-        rows, columns = view_slice(grey, view, k).shape
-        start, bar = 0.06 * columns, 50.0 / column_mm
-        ax.plot([start, start + bar], [0.9 * rows] * 2, color="white", linewidth=2)
-        ax.text(start + bar / 2, 0.87 * rows, "5 cm", color="white", fontsize=7, ha="center", va="bottom")
+        mark_orientation(ax, view, spacing, view_slice(grey, view, k).shape)
         ax.set_title(f"{view}, slice {k}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -318,6 +346,8 @@ class SliceViewer:
     ipywidgets 8 controls with a live figure, for JupyterLab.
     """
 
+    CONTOUR_COLOURS = {"mask": "red", "tumor": "cyan", "ground truth": "cyan"}  # the method's mask red, the truth cyan
+
     def __init__(self, image: np.ndarray, *, modality: str = "CT", spacing=(1.0, 1.0, 1.0),
                  layers: dict[str, np.ndarray] | None = None, label_layers=("organs",),
                  contour_layers=("tumor", "mask", "ground truth"), window: str = "soft_tissue"):
@@ -336,32 +366,56 @@ class SliceViewer:
         self.window = window
         self.alpha = 0.4
         self.visible = set(self.layers)
+        # the probed voxel (RAS indices) whose intensity the readout gives: the volume's centre to begin with
+        self.probe = [s // 2 for s in self.image.shape]
 
     def figure(self, *, size: float = 4.0) -> plt.Figure:
-        """The current slice with the visible layers, as a static figure."""
-        fig, ax = plt.subplots(figsize=(size, size))
-        self._draw(ax)
-        fig.tight_layout()
+        """The current slice with the visible layers, as a static figure: contours in their colours with a legend, a
+        colour bar per heat map, orientation letters and a 5 cm bar."""
+        heat = [n for n in self.layers if n in self.visible and n not in self.label_layers | self.contour_layers]
+        fig, ax = plt.subplots(figsize=(size * (1 + 0.25 * len(heat)), size), layout="constrained")
+        for name, shown in self._draw(ax).items():
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=name)
         return fig
 
-    def _draw(self, ax) -> None:
+    def _draw(self, ax) -> dict:
+        """Draw the current slice; returns the heat maps drawn (name -> image), for colour bars."""
         view, k = self.view, self.index
         aspect = view_aspect(self.spacing, view)
         grey = display_image(view_slice(self.image, view, k), self.modality, self.window)
         ax.imshow(grey, cmap="gray", vmin=0, vmax=1, aspect=aspect)
+        heat, outlines = {}, []
         for name in [n for n in self.layers if n in self.visible]:
             plane = view_slice(self.layers[name], view, k)
             if name in self.label_layers:
                 ax.imshow(plane, cmap=ORGAN_CMAP, vmin=0, vmax=22, alpha=self.alpha, interpolation="nearest",
                           aspect=aspect)
             elif name in self.contour_layers:
+                colour = self.CONTOUR_COLOURS.get(name, "red")
                 if np.any(plane):
-                    ax.contour(plane, levels=[0.5], colors="red", linewidths=1.0)
+                    ax.contour(plane, levels=[0.5], colors=colour, linewidths=1.0)
+                outlines.append(plt.Line2D([], [], color=colour, label=name))
             else:
-                ax.imshow(np.ma.masked_less_equal(plane, 0), cmap="magma", alpha=self.alpha, aspect=aspect)
+                layer = self.layers[name]  # one scale for the whole volume: slices compare
+                heat[name] = ax.imshow(np.ma.masked_less_equal(plane, 0), cmap="magma", alpha=self.alpha,
+                                       aspect=aspect, vmin=0, vmax=max(float(np.max(layer)), 1e-6))
+        if outlines:
+            ax.legend(handles=outlines, loc="upper right", fontsize=7, framealpha=0.6)
+        if view == "axial" and self.probe[2] == k:  # the probed voxel, where display_plane puts it
+            ax.plot(grey.shape[1] - 1 - self.probe[0], grey.shape[0] - 1 - self.probe[1], "+", color="lime",
+                    markersize=9, markeredgewidth=1.5)
+        mark_orientation(ax, view, self.spacing, grey.shape)
         ax.set_title(f"{view} {k} / {self.image.shape[VIEW_AXES[view]] - 1}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+        return heat
+
+    def readout(self) -> str:
+        """The intensity at the probed voxel (HU for CT), with every layer's value there."""
+        i, j, k = self.probe
+        unit = " HU" if self.modality == "CT" else ""
+        values = ", ".join(f"{name} {float(layer[i, j, k]):.3g}" for name, layer in self.layers.items())
+        return f"voxel ({i}, {j}, {k}): {float(self.image[i, j, k]):.0f}{unit}" + (f"; {values}" if values else "")
 
     def png(self, *, size: float = 4.0, dpi: int = 90) -> bytes:
         """The current view as PNG bytes (what the widget shows)."""
@@ -382,14 +436,21 @@ class SliceViewer:
         window = widgets.Dropdown(options=windows, value=self.window if self.modality == "CT" else windows[0],
                                   description="window", disabled=self.modality != "CT")
         alpha = widgets.FloatSlider(value=self.alpha, min=0.0, max=1.0, step=0.05, description="opacity")
-        toggles = {name: widgets.Checkbox(value=True, description=name, indent=False) for name in self.layers}
+        toggles = {name: widgets.Checkbox(value=name in self.visible, description=name, indent=False)
+                   for name in self.layers}
         picture = widgets.Image(format="png")
+        x, y = (widgets.IntSlider(value=self.probe[axis], min=0, max=self.image.shape[axis] - 1, description=name,
+                                  continuous_update=False) for axis, name in ((0, "probe x"), (1, "probe y")))
+        readout = widgets.Label()
 
         def redraw(_=None):
             self.view, self.index, self.alpha = view.value, index.value, alpha.value
             if self.modality == "CT":
                 self.window = window.value
             self.visible = {name for name, box in toggles.items() if box.value}
+            if self.view == "axial":
+                self.probe = [x.value, y.value, self.index]
+            readout.value = self.readout()
             picture.value = self.png()
 
         def change_view(change):
@@ -398,8 +459,8 @@ class SliceViewer:
             redraw()
 
         view.observe(change_view, names="value")
-        for control in (index, window, alpha, *toggles.values()):
+        for control in (index, window, alpha, x, y, *toggles.values()):
             control.observe(redraw, names="value")
         redraw()
-        controls = widgets.VBox([view, index, window, alpha, widgets.HBox(list(toggles.values()))])
+        controls = widgets.VBox([view, index, window, alpha, x, y, readout, widgets.HBox(list(toggles.values()))])
         return widgets.HBox([picture, controls])

@@ -55,7 +55,12 @@ def test_montage_rows_and_png_written_atomically(tmp_path):
     tumor = np.zeros(image.shape, np.uint8)
     tumor[12:18, 12:18, 6:10] = 1
     fig = viz.montage(image, organs=organs, tumor=tumor, maps={"score": tumor * 0.8}, n_slices=4)
-    assert len(fig.axes) == 3 * 4  # image, organs, score rows; one column per tumor slice
+    panels, bars = _panels(fig), [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(panels) == 3 * 4  # image, organs, score rows; one column per tumor slice
+    assert len(bars) == 1 and bars[0].get_ylim() == pytest.approx((0.0, 0.8))  # one scale for the row's slices
+    assert {im.get_clim() for ax in panels[8:] for im in ax.images[1:]} == {(0.0, 0.8)}
+    assert [t.get_text() for t in panels[7].get_legend().get_texts()] == ["liver"]  # the organ legend (label 4)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["tumor"]
     path = viz.save_figure(fig, tmp_path / "m.png")
     assert mpimg.imread(path).shape[2] in (3, 4)
     assert [p.name for p in tmp_path.iterdir()] == ["m.png"]  # no temp file left behind
@@ -68,12 +73,17 @@ def test_montage_draws_other_images_in_grey_and_the_truth_in_cyan():
     truth = np.zeros(image.shape, bool)
     truth[12:18, 12:18, 6:10] = True
     fig = viz.montage(image, images={"pseudo-healthy": healthy}, truth=truth, maps={"p": truth * 0.5}, n_slices=2)
-    assert [ax.get_ylabel() for ax in fig.axes[::2]] == ["image", "pseudo-healthy", "p"]
-    shown = fig.axes[2].images[0].get_array()  # the pseudo-healthy row shows H itself, in the same window
-    assert shown.max() > fig.axes[0].images[0].get_array().max()
-    cyan = [c for ax in fig.axes for c in ax.collections]
+    panels = _panels(fig)
+    assert [ax.get_ylabel() for ax in panels[::2]] == ["image", "pseudo-healthy", "p"]
+    shown = panels[2].images[0].get_array()  # the pseudo-healthy row shows H itself, in the same window
+    assert shown.max() > panels[0].images[0].get_array().max()
+    cyan = [c for ax in panels for c in ax.collections]
     assert cyan and all(np.allclose(c.get_edgecolor()[0][:3], (0, 1, 1)) for c in cyan)
     assert all(s in range(6, 10) for s in viz.pick_slices(16, 2, truth))
+
+
+def _panels(fig):
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
 
 
 def test_frame_slider_shows_the_chosen_frame():
@@ -150,3 +160,47 @@ def test_scan_overview_marks_orientation_scale_and_hu_bands():
     assert fig.axes[3].get_xlabel() == "HU"
     assert [t.get_text() for t in fig.axes[3].get_legend().get_texts()] == list(viz.CT_HU_BANDS)
     plt.close(fig)
+
+
+def test_slice_viewer_tells_mask_from_truth_scales_its_maps_and_marks_orientation():
+    image = np.zeros((32, 32, 16))
+    truth = np.zeros(image.shape, np.uint8)
+    truth[10:16, 10:16, 8] = 1
+    mask = np.roll(truth, 3, axis=0)
+    score = np.zeros(image.shape)
+    score[..., 8], score[..., 2] = 0.5, 2.0  # the slice shown is not the one with the maximum
+    viewer = viz.SliceViewer(image, spacing=(2.5, 2.5, 4.0), layers={"mask": mask, "ground truth": truth, "S": score})
+    fig = viewer.figure()
+    ax, bar = fig.axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mask", "ground truth"]
+    assert [tuple(c.get_edgecolor()[0][:3]) for c in ax.collections] == [(1.0, 0.0, 0.0), (0.0, 1.0, 1.0)]
+    assert bar.get_ylabel() == "S" and bar.get_ylim() == pytest.approx((0.0, 2.0))  # the volume's scale
+    assert sorted(t.get_text() for t in ax.texts if len(t.get_text()) == 1) == sorted("RLAP")
+    plt.close(fig)
+
+
+def test_slice_viewer_widget_keeps_the_visible_layers_and_reads_out_hu_at_the_probe():
+    ipywidgets = pytest.importorskip("ipywidgets")
+    image = np.full((32, 32, 16), -1000.0)
+    image[20, 5, 8] = 55.0
+    viewer = viz.SliceViewer(image, spacing=(2.5, 2.5, 4.0), layers={"tumor": (image > 0).astype(np.uint8),
+                                                                       "score": image * 0.0})
+    viewer.visible = {"tumor"}
+    controls = viewer.widget().children[1].children
+    toggles = {c.description: c.value for c in controls[-1].children}
+    assert toggles == {"tumor": True, "score": False} and viewer.visible == {"tumor"}
+    sliders = {c.description: c for c in controls if isinstance(c, ipywidgets.IntSlider)}
+    readout = next(c for c in controls if isinstance(c, ipywidgets.Label))
+    sliders["slice"].value, sliders["probe x"].value, sliders["probe y"].value = 8, 20, 5
+    assert readout.value.startswith("voxel (20, 5, 8): 55 HU") and "tumor 1" in readout.value
+
+
+def test_overlay_panels_share_one_colour_scale_or_give_each_map_its_own():
+    image = np.zeros((16, 16, 4))
+    maps = {"a": np.full((16, 16, 4), 0.2), "b": np.full((16, 16, 4), 3.0)}
+    shared = viz.overlay_panels(image, maps, 2)
+    bars = [ax for ax in shared.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1 and bars[0].get_ylim() == pytest.approx((0.0, 1.0))
+    own = viz.overlay_panels(image, maps, 2, vmax=None)
+    assert [ax.get_ylim()[1] for ax in own.axes if ax.get_label() == "<colorbar>"] == pytest.approx([0.2, 3.0])
+    plt.close("all")
