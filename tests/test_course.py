@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 from diffugts_core.cli import main
@@ -126,3 +127,29 @@ def test_student_copies_never_overwrite_the_notebooks(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
     assert main(["notebooks", "--student", str(tmp_path / "out"), "--from", str(tmp_path / "nowhere")]) == 2
     assert "no numbered notebooks" in capsys.readouterr().err
+
+
+def test_html_copies_keep_each_widgets_picture(tmp_path):
+    """`diffugts notebooks --html OUT --executed DIR`: an executed notebook whose widget output carries a picture
+    becomes a page that shows the picture; the widget view and the saved widget state (drawn only with a kernel or a
+    CDN) are gone, and the executed notebook is left as it was."""
+    import base64
+
+    from diffugts_core import viz
+
+    executed = tmp_path / "executed"
+    executed.mkdir()
+    png = viz.figure_png(viz.orthogonal_figure(np.zeros((8, 8, 8))))
+    widget = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "abc", "version_major": 2, "version_minor": 0},
+        "image/png": base64.b64encode(png).decode(), "text/plain": "[slice viewer: an interactive widget]"})
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("viewer.widget()", outputs=[widget])])
+    notebook.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {"abc": {}}}}
+    path = executed / "00_quickstart.ipynb"
+    nbformat.write(notebook, path)
+    before = path.read_bytes()
+    assert main(["notebooks", "--html", str(tmp_path / "html"), "--executed", str(executed)]) == 0
+    page = (tmp_path / "html" / "00_quickstart.html").read_text()
+    assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}' in page
+    assert "widget-view+json" not in page and "widget-state+json" not in page
+    assert path.read_bytes() == before

@@ -109,9 +109,14 @@ def test_tiny_training_writes_a_loadable_model_and_resumes(tmp_path):
     assert f"bf16 autocast: {native_bf16()}." in (out / "README.md").read_text()
     state = json.loads((out / "checkpoints" / "state.json").read_text())
     assert state["vae_step"] == 2 and state["unet_step"] == 2
+    cached = list((out / "checkpoints").glob("latents_*.safetensors"))  # the training latents of the finished VAE
+    assert len(cached) == 1
+    written = cached[0].stat().st_mtime_ns
     longer = replace(TINY, unet_steps=3, crop_fraction=1.0, crop_min=4)  # fine-tuned on crops from step 2
     train_foundation(tmp_path / "m", longer, resume=True, progress=False)
     state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert list((out / "checkpoints").glob("latents_*.safetensors")) == cached
+    assert cached[0].stat().st_mtime_ns == written  # read back, not encoded again
     assert state["unet_step"] == 3 and state["vae_step"] == 2  # the VAE was not trained again
     assert state["crops_from_step"] == 2 and "from step 2, 100% of batches random latent crops" in \
         (out / "README.md").read_text()

@@ -228,3 +228,12 @@ def test_speed_report_bounds_the_window_speed_up_by_what_both_paths_pay():
               "mae_hu_mean": {"roi": 50.0, "full_slice": 50.0}, "codec_mean_s": 2.5, "peak_memory_mb": 100.0}
     text = format_speed_report(report)
     assert "2.00x as fast as whole-slice" in text and "at most 4.00x as fast" in text  # 10 s / 2.5 s
+
+
+def test_inpaint_steps_must_be_positive(pipeline, tmp_path):
+    from diffugts_core.io import InputError
+
+    case = phantoms.generate_case("liver", 0, 3000, (32, 32, 16))
+    volume = load_volume(save_volume(case.image, case.affine, tmp_path / "x.nii.gz"))
+    with pytest.raises(InputError, match="inpaint_steps must be at least 1, got 0"):
+        pipeline(volume, "liver", inpaint_steps=0)

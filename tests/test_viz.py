@@ -204,3 +204,61 @@ def test_overlay_panels_share_one_colour_scale_or_give_each_map_its_own():
     own = viz.overlay_panels(image, maps, 2, vmax=None)
     assert [ax.get_ylim()[1] for ax in own.axes if ax.get_label() == "<colorbar>"] == pytest.approx([0.2, 3.0])
     plt.close("all")
+
+
+def _lesion_volume():
+    image = np.full((40, 36, 20), 40.0, np.float32)
+    mask = np.zeros(image.shape, bool)
+    mask[24:31, 8:15, 12:17] = True  # off centre (its centre voxel 27, 11, 14): the static view must go to it
+    image[mask] = -20.0
+    return image, mask
+
+
+def test_widgets_carry_their_picture_for_readers_without_a_kernel():
+    """An executed copy read without a kernel shows the widget's picture (image/png) and a sentence, not its repr."""
+    pytest.importorskip("ipywidgets")
+    import base64
+
+    image, mask = _lesion_volume()
+    box = viz.SliceViewer(image, layers={"mask": mask}).widget()
+    bundle = box._repr_mimebundle_()
+    picture = box.children[0]
+    assert base64.b64decode(bundle["image/png"]) == picture.value  # the slice the viewer shows
+    assert "children=" not in bundle["text/plain"] and "slice viewer" in bundle["text/plain"]
+    assert picture.layout.align_self == "flex-start"  # drawn at its own size, not stretched to the box
+    explorer = viz.prompt_explorer(lambda text: viz.figure_png(plt.figure()), "a tumor")
+    assert "image/png" not in explorer._repr_mimebundle_()  # nothing drawn yet: only the sentence
+
+
+def test_view3d_static_goes_through_the_lesion_with_a_legend_and_one_scale():
+    image, mask = _lesion_volume()
+    fig = viz.view3d(image, {"mask": mask, "S": mask * 0.8, "p": mask * 0.3}, spacing=(2.5, 2.5, 4.0),
+                     backend="static")
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert [ax.get_title() for ax in panels] == ["axial, slice 14", "coronal, slice 11", "sagittal, slice 27"]
+    assert all([t.get_text() for t in ax.get_legend().get_texts()] == ["mask"] for ax in panels)
+    assert len(fig.axes) == 4 and "S / p (one scale)" in fig.axes[3].get_ylabel()
+    with pytest.raises(ValueError, match="unknown 3D backend 'vtk'"):
+        viz.view3d(image, backend="vtk")
+    with pytest.raises(ValueError, match="layer 'mask' has shape"):
+        viz.view3d(image, {"mask": mask[:, :, :10]}, backend="static")
+
+
+def test_view3d_niivue_loads_the_volume_and_layers_in_their_millimetres():
+    pytest.importorskip("ipyniivue")
+    import base64
+
+    import nibabel as nib
+    from ipyniivue import NiiVue
+
+    image, mask = _lesion_volume()
+    box = viz.view3d(image, {"mask": mask, "S": mask * 0.8}, spacing=(2.5, 2.5, 4.0))  # auto: ipyniivue installed
+    viewer = next(child for child in box.children if isinstance(child, NiiVue))
+    assert [v.name for v in viewer.volumes] == ["image.nii", "mask.nii", "S.nii"]
+    assert [v.colormap for v in viewer.volumes] == ["gray", "red", "warm"]
+    assert (viewer.volumes[0].cal_min, viewer.volumes[0].cal_max) == (-160.0, 240.0)  # the soft-tissue window
+    loaded = nib.Nifti1Image.from_bytes(viewer.volumes[1].data)
+    assert np.array_equal(np.asarray(loaded.dataobj) > 0, mask)
+    assert nib.aff2axcodes(loaded.affine) == ("R", "A", "S") and loaded.header.get_zooms() == (2.5, 2.5, 4.0)
+    picture = base64.b64decode(box._repr_mimebundle_()["image/png"])
+    assert picture[:4] == b"\x89PNG"  # the static three-plane figure, for executed copies

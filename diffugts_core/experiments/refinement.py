@@ -16,8 +16,10 @@ from ..vocabulary import CATEGORY_ORGAN, category_modality
 
 
 def evaluate_refinement(pipeline: DiffuGTSPipeline, *, test_per_category: int = 4, role: str = "unseen",
-                        tolerance_mm: float = 2.0, progress: bool = False) -> tuple[list[dict], list[dict]]:
+                        tolerance_mm: float = 2.0, inpaint_steps: int | None = None,
+                        progress: bool = False) -> tuple[list[dict], list[dict]]:
     """AOVA-only, training-free fusion and the full method on the setting's unseen test cases: (per category, per case).
+    ``inpaint_steps``: DDIM steps of the inpainting (None: the residual head's; fewer for a quick look only).
 
     Per case also: the mean HU of the input, of H and of the surrounding healthy organ inside the tumor (the part of
     the tumor inside the ROI: outside it H is the input by construction), and how much of the tumor the ROI covers."""
@@ -26,9 +28,11 @@ def evaluate_refinement(pipeline: DiffuGTSPipeline, *, test_per_category: int = 
     cases = [c for c in split_cases(heads.setting, "test", config, test_role=role) if c.category != "healthy"]
     per_case = []
     for case in tqdm(cases, desc=f"refinement {heads.setting}", disable=not progress):
-        result = pipeline.segment_grid(case.image, case.spacing, CATEGORY_ORGAN[case.category], modality=case.modality)
-        tumor = case.tumor > 0
         residual_head = pipeline.residual_head(case.modality)
+        inpaint = None if inpaint_steps is None else replace(residual_head.config.inpaint, steps=inpaint_steps)
+        result = pipeline.segment_grid(case.image, case.spacing, CATEGORY_ORGAN[case.category], modality=case.modality,
+                                       inpaint=inpaint)
+        tumor = case.tumor > 0
         fusion = final_mask(result.fusion, residual_head.thresholds.fusion, result.residuals.roi,
                             residual_head.config.min_voxels)
         covered = tumor & result.residuals.roi

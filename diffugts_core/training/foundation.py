@@ -256,7 +256,7 @@ def train_foundation(out: str | Path, config: FoundationTrainingConfig = Foundat
     else:
         vae.load_state_dict(load_file(checkpoints / "vae.safetensors", device=str(device)))
     vae.eval().requires_grad_(False)
-    latents = _latents(vae, data, config.context_slices, device=device)
+    latents = _cached_latents(vae, data, config.context_slices, checkpoints, device)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
@@ -368,6 +368,20 @@ def _latents(vae, data: HealthyVolumes, context: int, pick: torch.Tensor | None 
     pick = torch.arange(len(data)) if pick is None else pick
     return torch.cat([vae.encode(data.stacks(part, context).to(device)).latent_dist.mean.cpu()
                       for part in pick.split(batch)])
+
+
+def _cached_latents(vae, data: HealthyVolumes, context: int, checkpoints: Path, device) -> torch.Tensor:
+    """``_latents`` of every training sample, kept in ``checkpoints`` under a key of the VAE's weights and the data (a
+    resumed UNet phase would otherwise encode tens of thousands of slices again: about 15 minutes at one thread)."""
+    weights = hashlib.sha256((checkpoints / "vae.safetensors").read_bytes()).hexdigest()
+    key = hashlib.sha256(json.dumps([weights, context, data.case_ids, list(data.index.shape)]).encode()).hexdigest()
+    path = checkpoints / f"latents_{key[:16]}.safetensors"
+    if path.is_file():
+        return load_file(path)["latents"]
+    latents = _latents(vae, data, context, device=device)
+    with atomic_path(path) as tmp:
+        save_file({"latents": latents.contiguous()}, tmp)
+    return latents
 
 
 def _caption_states(text_encoder: TextEncoder, captions: list[str]):
