@@ -106,6 +106,19 @@ def test_notebooks_table_lists_every_notebook_once_with_measured_time_and_memory
         assert re.search(r"\d+(\.\d+)? ?(MiB|GiB|MB|GB)\b", row["Peak memory"]), f"{row['Notebook']}: {row['Peak memory']!r}"
 
 
+def test_each_notebook_states_its_measured_time_and_memory_at_the_top_as_the_readme_does():
+    rows = [row for table in _tables(_section(README, "Notebooks")) for row in table if "Notebook" in row]
+    for row in rows:
+        path = re.fullmatch(r"\[[^\]]+\]\(([^)]+)\)", row["Notebook"]).group(1)
+        if "regression" in path:
+            continue
+        first = json.loads((ROOT / path).read_text())["cells"][0]
+        line = next((line for line in "".join(first["source"]).splitlines() if line.startswith("**Time and memory**")),
+                    None)
+        assert line, f"{path}: the first cell needs a '**Time and memory**' line (README's notebooks table)"
+        assert row["Time"] in line and row["Peak memory"] in line, f"{path}: {line!r} vs README {row}"
+
+
 def test_notebook_parameters_the_readme_names_are_in_the_notebooks():
     sentence = re.search(r"`parameters` cell holding (.*?), plus the case or setting it explores \(e\.g\. (.*?)\)",
                          " ".join(README.split()))
