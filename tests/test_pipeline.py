@@ -161,10 +161,10 @@ def test_mri_cases_get_the_mri_head_and_a_folder_without_one_serves_them_with_it
                          modality_heads={"MRI": replace(modality_heads["MRI"], setting="loo-liver")})
 
 
-# The fixed set: brain test cases 0-2 (seed 3000; no setting sees brain tumors). Floors are today's figures less 0.03
-# (measured 0.140, 0.129, 0.043, mean 0.104): a regression fails, an improvement ratchets them up.
-MRI_CASE_FLOORS = {0: 0.11, 1: 0.10, 2: 0.01}
-MRI_MEAN_FLOOR = 0.08
+# The fixed set: brain test cases 0 and 1 (seed 3000; no setting sees brain tumors). Floors are today's figures less
+# 0.03 (measured 0.140 and 0.129): a regression fails, an improvement ratchets them up. Case 2 (0.043, a floor of 0.01)
+# said little for its minute of CI; the MRI benchmark (docs/results/zero_shot_mri.md) holds the full set.
+MRI_CASE_FLOORS = {0: 0.11, 1: 0.10}
 
 
 def test_shipped_pipeline_segments_mri_brain_tumors_with_the_mri_head(pipeline):
@@ -176,7 +176,6 @@ def test_shipped_pipeline_segments_mri_brain_tumors_with_the_mri_head(pipeline):
         assert result.thresholds["refinement"] == vars(pipeline.modality_heads["MRI"].thresholds)
         scores[index] = dice(result.refined, case.tumor > 0)
     assert all(scores[index] >= floor for index, floor in MRI_CASE_FLOORS.items()), scores
-    assert np.mean(list(scores.values())) >= MRI_MEAN_FLOOR, scores
 
 
 def test_evaluate_refinement_reports_every_unseen_category_and_the_pseudo_healthy_hu(tmp_path, capsys):
