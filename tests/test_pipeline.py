@@ -179,8 +179,8 @@ def test_shipped_pipeline_segments_mri_brain_tumors_with_the_mri_head(pipeline):
 
 
 def test_evaluate_refinement_reports_every_unseen_category_and_the_pseudo_healthy_hu(tmp_path, capsys):
-    assert main(["evaluate-refinement", "--test-per-category", "1", "--json", str(tmp_path / "r.json"),
-                 "--no-progress"]) == 0
+    assert main(["evaluate-refinement", "--test-per-category", "1", "--inpaint-steps", "5", "--json",
+                 str(tmp_path / "r.json"), "--no-progress"]) == 0
     assert "mean dsc_full" in capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
     rows = {r["category"]: r for r in report["categories"]}
@@ -188,7 +188,8 @@ def test_evaluate_refinement_reports_every_unseen_category_and_the_pseudo_health
     vessel = rows["hepatic_vessel"]
     assert abs(vessel["hu_healthy_in_tumor"] - vessel["hu_organ"]) < abs(vessel["hu_input_in_tumor"] - vessel["hu_organ"])
     assert all({"dsc_aova", "dsc_fusion", "dsc_full", "nsd_full"} <= set(r) for r in rows.values())
-    assert vessel["dsc_full"] > 0.3 and vessel["nsd_full"] > 0.15, vessel  # hepatic_vessel_000: measured 0.417 DSC
+    # hepatic_vessel_000: measured 0.417 DSC at the head's 25 steps; 5 here (notebook 00 measured 0.439 at 5)
+    assert vessel["dsc_full"] > 0.3 and vessel["nsd_full"] > 0.15, vessel
     assert "validation split" in vessel["thresholds"]["refinement"]
 
 

@@ -153,6 +153,8 @@ def add_evaluate_refinement(subparsers) -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--test-per-category", type=int, default=4, help="test cases per category (default 4)")
     parser.add_argument("--upper-bound", action="store_true", help="score the setting's seen categories instead")
+    parser.add_argument("--inpaint-steps", type=int, default=None,
+                        help="DDIM steps of the inpainting (default: the residual head's; fewer for a quick look only)")
     parser.add_argument("--json", type=Path, help="also write categories and cases as JSON")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=_run_evaluate_refinement, paths=lambda args: (
@@ -165,9 +167,12 @@ def _run_evaluate_refinement(args) -> int:
 
     if args.test_per_category < 1:
         raise InputError("--test-per-category must be at least 1")
+    if args.inpaint_steps is not None and args.inpaint_steps < 1:
+        raise InputError("--inpaint-steps must be at least 1")
     pipeline = DiffuGTSPipeline.from_pretrained(args.heads, args.model)
     rows, cases = evaluate_refinement(pipeline, test_per_category=args.test_per_category,
-                                      role="seen" if args.upper_bound else "unseen", progress=not args.no_progress)
+                                      role="seen" if args.upper_bound else "unseen", inpaint_steps=args.inpaint_steps,
+                                      progress=not args.no_progress)
     print(f"{'category':15s} {'cases':>5s} {'DSC aova':>8s} {'fusion':>7s} {'full':>6s} {'NSD aova':>8s} {'fusion':>7s} "
           f"{'full':>6s} {'ROI cover':>9s} {'HU input':>8s} {'HU H':>6s} {'HU organ':>8s}")
     for row in rows:
