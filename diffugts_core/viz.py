@@ -506,11 +506,17 @@ def _fixed_picture(png: bytes = b"") -> "ipywidgets.Image":  # noqa: F821 (impor
     return widgets.Image(format="png", value=png, layout=widgets.Layout(align_self="flex-start"))
 
 
-def _niivue_volume(array: np.ndarray, spacing, name: str, **display) -> dict:
-    """One layer for ipyniivue: a NIfTI-1 file in memory (RAS voxel axes, so the affine is the spacing)."""
+def _niivue_volume(array: np.ndarray, spacing, name: str, dtype=np.float32, **display) -> dict:
+    """One layer for ipyniivue: a NIfTI-1 file in memory (RAS voxel axes, so the affine is the spacing). Masks go as
+    uint8 and CT as int16 HU: the widget's state, which an executed notebook keeps, is a quarter or half the size."""
     import nibabel as nib
 
-    image = nib.Nifti1Image(np.asarray(array, np.float32), np.diag([*(float(s) for s in spacing), 1.0]))
+    values = np.asarray(array)
+    if np.issubdtype(dtype, np.integer):
+        limits = np.iinfo(dtype)
+        values = np.clip(np.rint(values.astype(np.float32)), limits.min, limits.max)
+    values = values.astype(dtype)
+    image = nib.Nifti1Image(values, np.diag([*(float(s) for s in spacing), 1.0]))
     return {"data": image.to_bytes(), "name": f"{name}.nii", **display}
 
 
@@ -547,11 +553,13 @@ def view3d(image: np.ndarray, layers: dict[str, np.ndarray] | None = None, *, sp
     from ipyniivue import MultiplanarType, NiiVue, ShowRender, SliceType
 
     lower, upper = CT_WINDOWS[window] if modality.upper() == "CT" else np.percentile(image, (0.5, 99.5))
-    volumes = [_niivue_volume(image, spacing, "image", colormap="gray", cal_min=float(lower), cal_max=float(upper))]
+    volumes = [_niivue_volume(image, spacing, "image", np.int16 if modality.upper() == "CT" else np.float32,
+                              colormap="gray", cal_min=float(lower), cal_max=float(upper))]
     for name, layer in layers.items():
         if _is_mask(layer):
             colour = {"mask": "red", "tumor": "blue2cyan", "ground truth": "blue2cyan"}.get(name, "green")
-            volumes.append(_niivue_volume(layer, spacing, name, colormap=colour, cal_min=0.5, cal_max=1.0, opacity=0.7))
+            volumes.append(_niivue_volume(layer, spacing, name, np.uint8, colormap=colour, cal_min=0.5, cal_max=1.0,
+                                          opacity=0.7))
         else:
             top = max(float(np.max(layer)), 1e-6)
             volumes.append(_niivue_volume(layer, spacing, name, colormap="warm", cal_min=0.1 * top, cal_max=top,

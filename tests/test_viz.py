@@ -258,7 +258,9 @@ def test_view3d_niivue_loads_the_volume_and_layers_in_their_millimetres():
     assert [v.colormap for v in viewer.volumes] == ["gray", "red", "warm"]
     assert (viewer.volumes[0].cal_min, viewer.volumes[0].cal_max) == (-160.0, 240.0)  # the soft-tissue window
     loaded = nib.Nifti1Image.from_bytes(viewer.volumes[1].data)
-    assert np.array_equal(np.asarray(loaded.dataobj) > 0, mask)
+    assert np.array_equal(np.asarray(loaded.dataobj) > 0, mask) and loaded.get_data_dtype() == np.uint8
+    ct = nib.Nifti1Image.from_bytes(viewer.volumes[0].data)
+    assert ct.get_data_dtype() == np.int16 and np.array_equal(np.asarray(ct.dataobj), np.rint(image))  # HU, whole
     assert nib.aff2axcodes(loaded.affine) == ("R", "A", "S") and loaded.header.get_zooms() == (2.5, 2.5, 4.0)
     picture = base64.b64decode(box._repr_mimebundle_()["image/png"])
     assert picture[:4] == b"\x89PNG"  # the static three-plane figure, for executed copies
