@@ -62,13 +62,18 @@ def student_version(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return student
 
 
+def _numbered_notebooks(folder: Path) -> list[Path]:
+    notebooks = sorted(folder.glob(NOTEBOOK_PATTERN))
+    if not notebooks:
+        raise InputError(f"{folder}: no numbered notebooks (NN_name.ipynb) in it; run from the repository root or "
+                         "pass --from with the kit's notebooks folder.")
+    return notebooks
+
+
 def write_student_copies(source: str | Path, out: str | Path) -> list[Path]:
     """A student copy of every numbered notebook in ``source``, written atomically to ``out`` under the same names."""
     source, out = Path(source), Path(out)
-    notebooks = sorted(source.glob(NOTEBOOK_PATTERN))
-    if not notebooks:
-        raise InputError(f"{source}: no numbered notebooks (NN_name.ipynb) in it; run from the repository root or "
-                         "pass --from with the kit's notebooks folder.")
+    notebooks = _numbered_notebooks(source)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in notebooks:
@@ -104,10 +109,7 @@ def write_html_copies(source: str | Path, out: str | Path, *, smoke: bool = Fals
     to ``out`` (``NN_name.html``, atomically). With ``executed``, convert the executed copies in that folder instead
     of running anything."""
     source, out = Path(source), Path(out)
-    notebooks = sorted((Path(executed) if executed else source).glob(NOTEBOOK_PATTERN))
-    if not notebooks:
-        raise InputError(f"{executed or source}: no numbered notebooks (NN_name.ipynb) in it; run from the repository "
-                         "root or pass --from with the kit's notebooks folder.")
+    notebooks = _numbered_notebooks(Path(executed) if executed else source)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in notebooks:
