@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .io import InputError
 from .preprocess import body_mask
 from .text import TextEncoder, check_prompt, ensemble_embedding, load_templates
 from .vocabulary import ORGAN_KEYS, ORGAN_LABELS, organ_modality
@@ -176,11 +177,32 @@ def aova_loss(output: AOVAOutput, target: torch.Tensor, tumor: torch.Tensor, pro
 
 @torch.no_grad()
 def volume_features(backbone, image: np.ndarray, modality: str, batch: int = 32) -> list[torch.Tensor]:
-    """The frozen encoder's three stage features for every axial slice: (Z, C_l, h_l, w_l) each."""
+    """The frozen encoder's three stage features for every axial slice: (Z, C_l, h_l, w_l) each.
+
+    A 3D backbone encodes the whole volume at once; each stage, (C_l, h_l, w_l, d_l) over the padded grid, is cut to
+    the cells that cover the image and resampled linearly along z to the image's Z slices, in-plane grids kept. The
+    heads are per-position (1x1) maps that upsample in-plane, so they run on a 3D model's stages unchanged, and the
+    maps come out trilinearly upsampled (z here, x and y in the heads)."""
     intensity = backbone.intensity(modality, image)
+    if getattr(backbone, "spatial_dims", 2) == 3:
+        return _volume_stages_as_slices(backbone, intensity.forward(image))
     x = backbone.volume_to_slices(intensity.forward(image))
     chunks = [backbone.encode_features(x[i:i + batch]) for i in range(0, len(x), batch)]
     return [torch.cat([c[l] for c in chunks]).cpu() for l in range(3)]
+
+
+def _volume_stages_as_slices(backbone, volume: np.ndarray) -> list[torch.Tensor]:
+    padded = backbone.volume_to_batch(volume)
+    sides = volume.shape
+    out = []
+    for stage in backbone.encode_features(padded):
+        cells = [-(-side * stage.shape[2 + axis] // padded.shape[2 + axis]) for axis, side in enumerate(sides)]
+        cut = stage[:, :, :cells[0], :cells[1], :cells[2]].float().cpu()
+        # along z: from the cells' centres to the slices' centres over the cells' extent, then cut to the image
+        depth = cells[2] * padded.shape[4] // stage.shape[4]
+        along_z = F.interpolate(cut, size=(cells[0], cells[1], depth), mode="trilinear", align_corners=False)
+        out.append(along_z[0, :, :, :, :sides[2]].permute(3, 0, 1, 2).contiguous())
+    return out
 
 
 @dataclass
@@ -205,6 +227,11 @@ def run_aova(heads, backbone, text_encoder, image: np.ndarray, modality: str, or
     prompt_set = build_prompt_set(text_encoder, modality, abnormal, extra_abnormal={organ: prompt} if prompt else None,
                                   extra_organs=[organ])
     features = features if features is not None else volume_features(backbone, image, modality)
+    channels = tuple(f.shape[1] for f in features)
+    if channels != tuple(heads.aova.stage_channels):
+        raise InputError(f"these heads were trained on a model whose encoder stages have {heads.aova.stage_channels} "
+                         f"channels, this model's have {channels}; train heads on it with `diffugts train-heads "
+                         "--model MODEL` and pass their folder as the heads")
     output = heads.aova([f.float() for f in features], prompt_set.embeddings, tuple(image.shape[:2]))
     return AOVAResult(prompt_set, output, anomaly_map(output, prompt_set).permute(1, 2, 0).numpy(),
                       organ_map(output, prompt_set, organ).permute(1, 2, 0).numpy(), body_mask(image, modality))

@@ -95,11 +95,24 @@ def static_copy(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return static
 
 
+# JupyterLab's page without the scripts it fetches from a CDN (require.js for widgets, MathJax, Mermaid): the copies
+# hold no widgets, formulas or diagrams, and a page that loads nothing reads the same offline
+OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
 def html_copy(notebook: nbformat.NotebookNode) -> str:
-    """An executed notebook as one self-contained HTML page (pictures inline), with its widgets as pictures."""
+    """An executed notebook as one self-contained HTML page (pictures inline, nothing fetched from the network), with
+    its widgets as pictures."""
+    import jinja2
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter(template_name="lab", embed_images=True).from_notebook_node(static_copy(notebook))
+    exporter = HTMLExporter(extra_loaders=[jinja2.DictLoader({"offline.html.j2": OFFLINE_TEMPLATE})],
+                            template_file="offline.html.j2", embed_images=True)
+    body, _ = exporter.from_notebook_node(static_copy(notebook))
     return body
 
 

@@ -28,7 +28,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .backbone.base import Conditioning, FrozenBackbone, organ_cover
-from .io import atomic_path
+from .io import InputError, atomic_path
 from .preprocess import PREPROCESS_VERSION
 
 
@@ -277,19 +277,32 @@ def pseudo_healthy(backbone, image: np.ndarray, modality: str, mask: np.ndarray,
 
 def inpaint_region(backbone, text_encoder, image: np.ndarray, modality: str, region: str, organ: str,
                    roi: np.ndarray, config: InpaintConfig, *, cache: Path | None = None,
-                   progress: bool = False, organs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   progress: bool = False, organs: np.ndarray | None = None,
+                   spacing=None) -> tuple[np.ndarray, np.ndarray]:
     """The pseudo-healthy image (mean over samples, and their spread), from ``cache`` when it holds this exact case.
-    ``organs``: the organ map an organ-aware denoiser sees (see ``pseudo_healthy``)."""
+    ``organs``: the organ map an organ-aware denoiser sees (see ``pseudo_healthy``). A 3D backbone inpaints a latent
+    sub-volume around the ROI instead (``inpaint3d``), conditioned on the case's ``spacing`` (mm), modality and region
+    rather than on text."""
     if not roi.any():
         return image.copy(), np.zeros(image.shape, np.float32)
+    volumetric = getattr(backbone, "spatial_dims", 2) == 3
+    if volumetric and spacing is None:
+        raise InputError("a 3D foundation model is conditioned on the voxel spacing; pass spacing=(x, y, z) in mm")
     if not getattr(backbone, "organ_channels", ()):
         organs = None  # nothing reads it, so it must not change the cache key
-    key = None if cache is None else _cache_key(backbone, image, roi, modality, region, organ, config, organs)
+    key = None if cache is None else _cache_key(backbone, image, roi, modality, region, organ, config, organs,
+                                                 spacing if volumetric else None)
     if key is not None and (cache / f"{key}.npz").is_file():
         stored = np.load(cache / f"{key}.npz")
         return stored["healthy"], stored["spread"]
-    cond, uncond = healthy_conditioning(text_encoder, modality, region, organ)
-    healthy, spread = pseudo_healthy(backbone, image, modality, roi, cond, uncond, config, progress, organs)
+    if volumetric:
+        from .inpaint3d import pseudo_healthy_volume  # MONAI's schedulers load only for a 3D model
+
+        healthy, spread = pseudo_healthy_volume(backbone, image, modality, roi, config, spacing=spacing,
+                                                region=region, progress=progress)
+    else:
+        cond, uncond = healthy_conditioning(text_encoder, modality, region, organ)
+        healthy, spread = pseudo_healthy(backbone, image, modality, roi, cond, uncond, config, progress, organs)
     if key is not None:
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache / f"{key}.npz", suffix=".npz") as tmp:
@@ -297,7 +310,7 @@ def inpaint_region(backbone, text_encoder, image: np.ndarray, modality: str, reg
     return healthy, spread
 
 
-def _cache_key(backbone, image, roi, modality, region, organ, config: InpaintConfig, organs=None) -> str:
+def _cache_key(backbone, image, roi, modality, region, organ, config: InpaintConfig, organs=None, spacing=None) -> str:
     digest = hashlib.sha256()
     arrays = [np.ascontiguousarray(image, np.float32), np.ascontiguousarray(roi, bool)]
     if organs is not None:  # (absent from the keys of models without organ channels: their caches stay valid)
@@ -306,6 +319,8 @@ def _cache_key(backbone, image, roi, modality, region, organ, config: InpaintCon
         digest.update(str(array.shape).encode())
         digest.update(array.tobytes())
     digest.update(json.dumps([modality, region, organ, PREPROCESS_VERSION, INPAINT_VERSION, asdict(config)]).encode())
+    if spacing is not None:  # what a 3D model is conditioned on (absent for 2D models: their caches stay valid)
+        digest.update(json.dumps([round(float(s), 6) for s in spacing]).encode())
     digest.update(model_fingerprint(backbone).encode())
     return digest.hexdigest()[:32]
 

@@ -195,6 +195,20 @@ def inpaint_volume(backbone, image: np.ndarray, modality: str, roi_mask: np.ndar
     return healthy
 
 
+def pseudo_healthy_volume(backbone, image: np.ndarray, modality: str, roi_mask: np.ndarray, config, *, spacing,
+                          region: str, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """What ``inpaint.pseudo_healthy`` is for a 2D model, for a 3D one: ``config.samples`` ROI sub-volume inpaintings
+    (an ``InpaintConfig``: its steps, RePaint repeats and first seed) conditioned on the case's spacing, modality and
+    body region; (mean, spread over the samples)."""
+    cond = backbone.case_conditioning(spacing, modality, region)
+    samples = np.stack([
+        inpaint_volume(backbone, image, modality, roi_mask,
+                       VolumeInpaintConfig(steps=config.steps, resample=config.resample, seed=config.seed + sample),
+                       cond=cond, progress=progress)
+        for sample in range(config.samples)])
+    return samples.mean(0), samples.std(0)
+
+
 def _repaint(backbone, schedule: LatentSchedule, z0: torch.Tensor, known: torch.Tensor, window: InpaintingWindow,
              cond, config: VolumeInpaintConfig, progress: bool) -> torch.Tensor:
     """RePaint on the window's latents: the unknown cells generated, the known ones following z_0 noised."""

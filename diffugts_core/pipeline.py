@@ -115,7 +115,10 @@ class DiffuGTSPipeline:
 
         weights = {}
         source = getattr(self.backbone, "source", None)
-        if source is not None:
+        files = getattr(self.backbone, "files", None)  # a MAISI bundle's weight files
+        if files is not None:
+            weights.update({f"model/{p.name}": sha256_file(p) for p in (files.autoencoder, files.diffusion)})
+        elif source is not None:
             weights.update({f"model/{p.parent.name}": sha256_file(p) for p in sorted(source.glob("*/*.safetensors"))})
         if self.heads_folder is not None:
             weights.update({f"heads/{p.name}": sha256_file(p) for p in sorted(self.heads_folder.glob("*.safetensors"))})
@@ -191,7 +194,7 @@ class DiffuGTSPipeline:
                 aova, self.backbone.organ_channels, threshold=self.heads.thresholds.organ, organ=organ,
                 organ_mask=organ_mask)
             healthy, spread = inpaint_region(self.backbone, self.text_encoder, image, modality, region, organ, roi,
-                                             inpaint, progress=progress, organs=organs)
+                                             inpaint, progress=progress, organs=organs, spacing=spacing)
         with _timed(timings, "residuals"):
             residuals = residuals_of(self.backbone, image, modality, roi, healthy, spread)
         with _timed(timings, "residual_head"):

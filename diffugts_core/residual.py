@@ -89,15 +89,20 @@ class Residuals:
 
 
 class ResidualHead(nn.Module):
-    """Three convolutions over [I, H, signed R_p, R_f, S] (5 channels) -> tumor logits; a 5 x 5 pixel view.
+    """Three convolutions over [I, H, signed R_p, R_f, S] (5 channels) -> tumor logits; a 5 x 5 pixel view, or
+    5 x 5 x 5 voxels with ``spatial_dims=3`` (the head of a 3D foundation model, which sees through-plane too).
 
     Small on purpose: a 0.13 M-parameter U-shaped head fitted its training lesions (pixel AUROC 0.9-0.99) and
     failed on new cases (0.4-0.8); this one generalises (docs/findings/refinement.md)."""
 
-    def __init__(self, channels: int = 16):
+    def __init__(self, channels: int = 16, spatial_dims: int = 2):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(len(INPUTS), channels, 3, padding=1), nn.GELU(),
-                                 nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, 1, 1))
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.spatial_dims = spatial_dims
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.net = nn.Sequential(conv(len(INPUTS), channels, 3, padding=1), nn.GELU(),
+                                 conv(channels, channels, 3, padding=1), nn.GELU(), conv(channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)[:, 0]
@@ -126,7 +131,7 @@ class TrainedResidualHead:
         with atomic_path(folder / f"{stem}.safetensors", suffix=".safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp))
         meta = {"setting": self.setting, **({"modality": self.modality} if self.modality else {}),
-                "inputs": list(INPUTS), "thresholds": asdict(self.thresholds), "config": asdict(self.config),
+                **({"spatial_dims": 3} if self.head.spatial_dims == 3 else {}), "inputs": list(INPUTS), "thresholds": asdict(self.thresholds), "config": asdict(self.config),
                 "parameters": self.head.parameter_count}
         write_text_atomic(folder / f"{stem}.json", json.dumps(meta, indent=2) + "\n")
         return folder
@@ -139,7 +144,7 @@ class TrainedResidualHead:
                              "(it writes it beside heads.json)")
         meta = json.loads((folder / f"{stem}.json").read_text())
         config = ResidualConfig.from_dict(meta["config"])
-        head = ResidualHead(config.channels)
+        head = ResidualHead(config.channels, meta.get("spatial_dims", 2))
         head.load_state_dict(load_file(folder / f"{stem}.safetensors"))
         return cls(head.eval(), RefinementThresholds(**meta["thresholds"]), config, meta["setting"], modality)
 
@@ -177,12 +182,14 @@ def pixel_residual(backbone, image: np.ndarray, healthy: np.ndarray, modality: s
 def feature_residual(backbone, image: np.ndarray, healthy: np.ndarray, modality: str, roi: np.ndarray,
                      batch: int = 32) -> np.ndarray:
     """Sum over the encoder's three stages of upsample(1 - cos(F_l(I), F_l(H))); computed on the ROI's slices only
-    (elsewhere H = I and the residual is 0)."""
+    (elsewhere H = I and the residual is 0). A 3D backbone encodes both volumes whole and upsamples trilinearly."""
     out = np.zeros(image.shape, np.float32)
     todo = np.flatnonzero(roi.any((0, 1)))
     if len(todo) == 0:
         return out
     intensity = backbone.intensity(modality, image)
+    if getattr(backbone, "spatial_dims", 2) == 3:
+        return _volume_feature_residual(backbone, intensity, image, healthy, roi)
     x = backbone.volume_to_slices(intensity.forward(image))[todo]
     h = backbone.volume_to_slices(intensity.forward(healthy))[todo]
     maps = []
@@ -195,13 +202,30 @@ def feature_residual(backbone, image: np.ndarray, healthy: np.ndarray, modality:
     return out
 
 
+def _volume_feature_residual(backbone, intensity, image: np.ndarray, healthy: np.ndarray, roi: np.ndarray) -> np.ndarray:
+    """A 3D backbone's feature residual, encoded in the window the ROI was inpainted in (``inpaint3d``: its box with
+    a few latent cells of context), not the whole volume: beyond the window H = I."""
+    from .inpaint3d import inpainting_window  # MONAI's schedulers load only for a 3D model
+
+    window = inpainting_window(backbone, roi).voxels
+    x, h = (backbone.volume_to_batch(intensity.forward(v))[(..., *window)] for v in (image, healthy))
+    total = sum(F.interpolate((1 - F.cosine_similarity(a, b, dim=1))[:, None].float().cpu(), size=x.shape[2:],
+                              mode="trilinear", align_corners=False)[0, 0]
+                for a, b in zip(backbone.encode_features(x), backbone.encode_features(h)))
+    out = np.zeros(image.shape, np.float32)
+    region = tuple(slice(w.start, min(w.stop, side)) for w, side in zip(window, image.shape))
+    out[region] = total[tuple(slice(0, r.stop - r.start) for r in region)].numpy()
+    out[:, :, ~roi.any((0, 1))] = 0  # as the 2D model's: the ROI's slices only
+    return out
+
+
 def compute_residuals(backbone, text_encoder, image: np.ndarray, modality: str, region: str, organ: str,
                       roi: np.ndarray, config: InpaintConfig, *, cache: Path | None = None,
-                      progress: bool = False, organs: np.ndarray | None = None) -> Residuals:
+                      progress: bool = False, organs: np.ndarray | None = None, spacing=None) -> Residuals:
     """Inpaint ``roi`` to a pseudo-healthy image with the organ's healthy prompt (and, for an organ-aware denoiser,
-    the ``organs`` map), then both residuals."""
+    the ``organs`` map; a 3D denoiser is told the ``spacing`` instead), then both residuals."""
     healthy, spread = inpaint_region(backbone, text_encoder, image, modality, region, organ, roi, config,
-                                     cache=cache, progress=progress, organs=organs)
+                                     cache=cache, progress=progress, organs=organs, spacing=spacing)
     return residuals_of(backbone, image, modality, roi, healthy, spread)
 
 
@@ -240,10 +264,18 @@ def head_inputs(backbone, image: np.ndarray, modality: str, residuals: Residuals
 
 @torch.no_grad()
 def refined_probability(head: ResidualHead, inputs: np.ndarray, roi: np.ndarray, batch: int = 16) -> np.ndarray:
-    """The head's tumor probability on the ROI's slices; 0 outside the ROI."""
+    """The head's tumor probability on the ROI's slices (a 3D head: on the ROI's bounding box with the head's reach
+    around it); 0 outside the ROI."""
     out = np.zeros(roi.shape, np.float32)
     todo = np.flatnonzero(roi.any((0, 1)))
     head.eval()
+    if head.spatial_dims == 3:
+        if len(todo):
+            reach = 2  # two 3 x 3 x 3 convolutions: the box's edge sees what the whole volume would show it
+            box = tuple(slice(max(int(a.min()) - reach, 0), int(a.max()) + reach + 1) for a in np.nonzero(roi))
+            x = torch.from_numpy(np.ascontiguousarray(inputs[(slice(None), *box)]))[None]
+            out[box] = torch.sigmoid(head(x))[0].numpy()
+        return np.where(roi, out, 0)
     for start in range(0, len(todo), batch):
         index = todo[start:start + batch]
         x = torch.from_numpy(np.ascontiguousarray(inputs[..., index].transpose(3, 0, 1, 2)))

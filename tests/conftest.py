@@ -20,7 +20,7 @@ SMALL_SHAPE = (64, 64, 32)
 # loadfile --no-loadscope-reorder`, files in collection order) the workers start on them, and the short files fill in
 # at the end instead of one long file running alone.
 LONGEST_FIRST = ("test_quick_benchmark.py", "test_pipeline.py", "test_notebooks.py", "test_heads.py", "test_browser.py",
-                 "test_cli.py")
+                 "test_cli.py", "test_maisi_pipeline.py")
 
 
 def pytest_collection_modifyitems(config, items):

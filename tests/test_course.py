@@ -152,4 +152,5 @@ def test_html_copies_keep_each_widgets_picture(tmp_path):
     page = (tmp_path / "html" / "00_quickstart.html").read_text()
     assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}' in page
     assert "widget-view+json" not in page and "widget-state+json" not in page
+    assert not re.search(r'<(script|link|img)[^>]+(src|href)="(https?:)?//', page)  # nothing from the network
     assert path.read_bytes() == before

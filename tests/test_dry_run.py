@@ -84,12 +84,11 @@ def test_maisi_roi_window_is_cheaper_and_both_grow_with_the_volume(tiny_bundle, 
     assert [c.largest for c in large.plans["ROI window"] if c.network == "denoiser"] == [32 ** 3]
 
 
-def test_segmenting_with_maisi_says_the_3d_stages_are_not_built(tiny_bundle, tmp_path, capsys):
-    image = _nifti(tmp_path / "case.nii.gz", (32, 32, 32))
-    assert main(["segment", str(image), "--organ", "liver", "--model", str(tiny_bundle),
-                 "-o", str(tmp_path / "mask.nii.gz")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "not built yet" in err and "\n" not in err
+def test_maisi_estimate_from_a_header_is_on_the_processing_grid(tiny_bundle, tmp_path, capsys, fixed_costs):
+    # 400 x 400 x 100 voxels of 0.8 x 0.8 x 2 mm: 320 x 320 x 200 mm, 128 x 128 x 50 on the 2.5 x 2.5 x 4 mm grid
+    image = _nifti(tmp_path / "case.nii.gz", (400, 400, 100), spacing=(0.8, 0.8, 2.0))
+    assert main(["segment", str(image), "--model", str(tiny_bundle), "--dry-run", "--device", "cpu"]) == 0
+    assert "128x128x50 voxels (the processing grid)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("arguments, words", [

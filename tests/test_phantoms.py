@@ -136,3 +136,18 @@ def test_read_case_matches_generated(small_cohort):
     fresh = generate_case("lung", 0, 0, SMALL_SHAPE)
     np.testing.assert_allclose(case.image, fresh.image, atol=1e-4)
     np.testing.assert_array_equal(case.tumor, fresh.tumor)
+
+
+def test_slab_keeps_the_tumor_and_places_it_in_the_same_millimetres():
+    case = generate_case("kidney", 0, 0, SMALL_SHAPE)
+    slab = case.slab(8)
+    assert slab.image.shape == (*SMALL_SHAPE[:2], 8) and slab.spacing == case.spacing
+    start = int(round((np.linalg.inv(case.affine) @ slab.affine[:, 3])[2]))  # the slab's first slice in the case
+    np.testing.assert_array_equal(slab.image, case.image[:, :, start:start + 8])
+    np.testing.assert_array_equal(slab.healthy, case.healthy[:, :, start:start + 8])
+    busiest = int(case.tumor.sum(axis=(0, 1)).argmax())
+    assert start <= busiest < start + 8 and slab.tumor.sum() > 0
+    # a voxel of the slab lies at the same millimetres as the voxel it was cut from
+    np.testing.assert_allclose(slab.affine @ [3, 4, 2, 1], case.affine @ [3, 4, start + 2, 1])
+    with pytest.raises(ValueError, match="1 to 32 slices"):
+        case.slab(33)

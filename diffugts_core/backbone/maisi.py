@@ -98,6 +98,16 @@ class MaisiConditioning(Conditioning):
 
 
 @dataclass(frozen=True)
+class MaisiKitConfig:
+    """What the kit's stages need to know beside MAISI's own networks: the processing grid's in-plane size (the kit's
+    resampling: 2.5 mm CT voxels, 128 x 128 slices, as the heads were trained on PhantomBench; any multiple of 32
+    avoids padding) and the text encoder the AOVA heads' prompts are embedded with (MAISI has none of its own)."""
+
+    slice_shape: tuple[int, int] = (128, 128)
+    text_encoder: str = "all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True)
 class BundleFiles:
     """The three files a MAISI backbone is read from."""
 
@@ -145,6 +155,7 @@ class MaisiBackbone:
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.scheduler = scheduler
         self.scale_factor = float(scale_factor)
+        self.config = MaisiKitConfig()
         self.source: Path | None = None  # the bundle folder, when loaded from one
         self.files: BundleFiles | None = None
 
@@ -207,6 +218,11 @@ class MaisiBackbone:
         if modality.upper() == "MRI":
             return mri_percentile_map(volume)
         raise InputError(f"unknown modality {modality!r}; use CT or MRI")
+
+    def case_conditioning(self, spacing, modality: str, region: str) -> MaisiConditioning:
+        """The denoiser's conditioning for a case: its voxel spacing (mm), modality and body region (top and bottom
+        alike: the kit's regions are one field of view each)."""
+        return MaisiConditioning(tuple(float(s) for s in spacing), modality.upper(), (region, region))
 
     # ---- volumes <-> batches -----------------------------------------------------------------
     def volume_to_batch(self, volume: np.ndarray) -> torch.Tensor:

@@ -79,7 +79,6 @@ def _segment_paths(args):
 
 
 def _run_segment(args) -> int:
-    from ..backbone import is_maisi_model
     from ..pipeline import DiffuGTSPipeline
     from ..reports import segment_cases
     from ..text import check_organ, check_prompt
@@ -92,9 +91,6 @@ def _run_segment(args) -> int:
         args.organ = check_organ(args.organ)
     if args.seeds < 1:
         raise InputError(f"--seeds must be at least 1, got {args.seeds}")
-    if is_maisi_model(args.model):
-        raise InputError(f"{args.model}: a MAISI bundle loads, but segmenting with it needs the 3D pipeline stages, "
-                         "which are not built yet; --dry-run estimates such a run")
     cases = segment_cases(args.image, organ=args.organ, modality=args.modality, organ_mask=args.organ_mask,
                           out=args.out)
     batch = _is_batch(args.image)

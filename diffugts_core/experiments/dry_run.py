@@ -15,9 +15,9 @@ square of its tokens (at MAISI's two coarsest levels, a small share of a call). 
 size are a little higher than at large sizes (fixed per-call overheads), so large runs come out a little slow.
 Loading the weights, the text encoder, preprocessing and the small trained heads are not counted. The 2D default's
 ROI is assumed to reach every axial slice (an upper bound: its scattered candidate regions reached 49-56 of 64
-slices in docs/results/speed.md); MAISI runs on the case's own grid (the 3D pipeline is planned, not built), and its
-ROI is one spherical lesion of ``lesion_share`` of the volume (``maisi_roi.lesion_case``, the lesion its table
-measures), inpainted in the window ``inpaint3d`` would use.
+slices in docs/results/speed.md); MAISI runs on the same processing grid, its DDIM steps those the heads' residual
+config names, and its ROI is one spherical lesion of ``lesion_share`` of the volume (``maisi_roi.lesion_case``, the
+lesion its table measures), inpainted in the window ``inpaint3d`` uses.
 """
 
 from __future__ import annotations
@@ -194,9 +194,9 @@ def slice_model_calls(slices: int, slice_shape: tuple[int, int], downsample: int
 
 def maisi_calls(backbone, shape: tuple[int, int, int], lesion_share: float, samples: int, *, crop: bool,
                 config) -> list[Calls]:
-    """The planned 3D pipeline's calls: AOVA's feature pass on the whole (padded) volume; encode, steps x samples
-    denoiser calls and samples decodes of the inpainting window (``inpaint3d.VolumeInpaintConfig`` ``config``); the
-    residuals' two feature passes on it."""
+    """The 3D pipeline's calls: AOVA's feature pass on the whole (padded) volume; encode, steps x samples denoiser
+    calls and samples decodes of the inpainting window (``inpaint3d.VolumeInpaintConfig`` ``config``); the residuals'
+    two feature passes on it."""
     from ..inpaint3d import inpainting_window
     from .maisi_roi import lesion_case
 
@@ -239,7 +239,7 @@ def estimate_segment_run(model: str | Path, *, shape: tuple[int, int, int], affi
                          modality: str = "CT", heads: str | Path = "default", seeds: int = 1,
                          lesion_share: float = DEFAULT_LESION_SHARE, device="auto") -> RunEstimate:
     """The time and peak memory of ``diffugts segment`` on a case of ``shape`` (voxels; with ``affine``, resampled
-    to the 2D model's grid as the pipeline does; without, taken to be on that grid already)."""
+    to the processing grid as the pipeline does; without, taken to be on that grid already)."""
     if not 0 < lesion_share < 1:
         raise InputError(f"--lesion-share must be between 0 and 1 (a share of the volume), got {lesion_share}")
     device = resolve_device(device)
@@ -250,11 +250,14 @@ def estimate_segment_run(model: str | Path, *, shape: tuple[int, int, int], affi
         backbone = maisi_networks(model, device)
         held = held_mb(backbone)
         costs = network_costs(backbone)
-        config = VolumeInpaintConfig()
+        inpaint = residual_inpaint_config(heads, modality)
+        config = VolumeInpaintConfig(steps=inpaint.steps, resample=inpaint.resample)
+        shape = shape if affine is None else model_grid_plan(
+            Volume(np.broadcast_to(np.float32(0), shape), affine), modality, backbone.config.slice_shape).shape
         plans = {"ROI window": maisi_calls(backbone, shape, lesion_share, seeds, crop=True, config=config),
                  "whole volume": maisi_calls(backbone, shape, lesion_share, seeds, crop=False, config=config)}
-        grid = (f"{'x'.join(map(str, shape))} voxels as given, padded to multiples of {backbone.size_multiple}; "
-                f"one spherical lesion of {100 * lesion_share:g} % of the volume")
+        grid = (f"{'x'.join(map(str, shape))} voxels (the processing grid), padded to multiples of "
+                f"{backbone.size_multiple}; one spherical lesion of {100 * lesion_share:g} % of the volume")
         settings = f"{config.steps} denoising steps x {seeds} sample(s), resample {config.resample}"
         name = f"MAISI bundle {model} (the networks of its config, random weights)"
     else:

@@ -25,6 +25,9 @@ from ..vocabulary import CATEGORY_ORGAN, REGION_MODALITY, REGION_ORGAN, category
 from .heads import insert_synthetic_anomaly
 
 
+CROP_DEPTH = 16  # slices in a 3D residual head's training crops (64 mm at the CT processing grid's 4 mm)
+
+
 @dataclass
 class _Example:
     inputs: np.ndarray  # (5, X, Y, Z)
@@ -49,7 +52,7 @@ def train_residual_head(heads: TrainedHeads, backbone, text_encoder, config: Res
         raise RuntimeError(f"categories {sorted(leaked)} are not seen in {heads.setting} but reached its training set")
     examples = [_example(heads, backbone, text_encoder, case, config, config.synthetic_anomalies, rng, cache)[0]
                 for case in tqdm(cases, desc="residual data", disable=not progress)]
-    head = ResidualHead(config.channels)
+    head = ResidualHead(config.channels, backbone.spatial_dims)
     _fit_head(head, examples, config, rng, progress)
     trained = TrainedResidualHead(head.eval(), RefinementThresholds(), config, heads.setting)
     validation = [c for c in split_cases(heads.setting, "validation", heads.config, shape) if c.category != "healthy"]
@@ -85,7 +88,7 @@ def train_modality_heads(heads: TrainedHeads, backbone, text_encoder, config: Re
         cases = modality_cases(heads, modality, "refine", config.modality_healthy, shape)
         examples = [_example(heads, backbone, text_encoder, case, config, config.modality_anomalies, rng, cache)[0]
                     for case in tqdm(cases, desc=f"residual data ({modality})", disable=not progress)]
-        head = ResidualHead(config.channels)
+        head = ResidualHead(config.channels, backbone.spatial_dims)
         _fit_head(head, examples, config, rng, progress)
         result = TrainedResidualHead(head.eval(), RefinementThresholds(), config, heads.setting, modality)
         validation_rng = np.random.default_rng(SEEDS["validation"])  # the same validation anomalies for every head
@@ -113,13 +116,17 @@ def _example(heads: TrainedHeads, backbone, text_encoder, case, config: Residual
     organs = None if not getattr(backbone, "organ_channels", ()) else conditioning_organs(
         aova, backbone.organ_channels, threshold=heads.thresholds.organ)
     residuals = compute_residuals(backbone, text_encoder, image, case.modality, case.region, organ, roi,
-                                  config.inpaint, cache=cache, organs=organs)
+                                  config.inpaint, cache=cache, organs=organs, spacing=case.spacing)
     inputs = head_inputs(backbone, image, case.modality, residuals, aova.anomaly)
     return _Example(inputs, lesion, roi), fusion_map(residuals)
 
 
 def _fit_head(head: ResidualHead, examples: list[_Example], config: ResidualConfig, rng, progress: bool) -> None:
     slices = [(i, k) for i, e in enumerate(examples) for k in np.flatnonzero(e.roi.any((0, 1)))]
+    if not slices:
+        raise RuntimeError(f"none of the {len(examples)} training cases has a region of interest: the AOVA heads "
+                           "found no candidate region in any of them, so the residual head has nothing to learn from; "
+                           "train the heads longer (train-heads --steps) or on more cases (--per-category)")
     with_lesion = [(i, k) for i, k in slices if examples[i].target[..., k].any()] or slices
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=1e-4)
     head.train()
@@ -127,7 +134,8 @@ def _fit_head(head: ResidualHead, examples: list[_Example], config: ResidualConf
     for _ in bar:
         picks = [with_lesion[j] for j in rng.integers(len(with_lesion), size=config.batch // 2)]
         picks += [slices[j] for j in rng.integers(len(slices), size=config.batch - len(picks))]
-        x, y, m = zip(*(_crop(examples[i], k, config.crop, rng) for i, k in picks))
+        depth = CROP_DEPTH if head.spatial_dims == 3 else None
+        x, y, m = zip(*(_crop(examples[i], k, config.crop, rng, depth) for i, k in picks))
         x, y, m = torch.from_numpy(np.stack(x)), torch.from_numpy(np.stack(y)), torch.from_numpy(np.stack(m))
         logits = head(x)
         loss = _dice_bce(logits, y, m)
@@ -138,16 +146,23 @@ def _fit_head(head: ResidualHead, examples: list[_Example], config: ResidualConf
     head.eval()
 
 
-def _crop(example: _Example, k: int, size: int, rng):
+def _crop(example: _Example, k: int, size: int, rng, depth: int | None = None):
     """A size x size crop of slice k around a random ROI pixel (inputs, target, ROI), randomly flipped and turned:
-    the head should not learn where in a slice, or in which orientation, the training lesions happened to be."""
+    the head should not learn where in a slice, or in which orientation, the training lesions happened to be. With
+    ``depth``, a size x size x depth block centred on slice k (a 3D head's training crop)."""
     roi = example.roi[..., k]
     cx, cy = np.argwhere(roi)[rng.integers(roi.sum())]
     x0 = int(np.clip(cx - size // 2, 0, roi.shape[0] - size))
     y0 = int(np.clip(cy - size // 2, 0, roi.shape[1] - size))
     window = (slice(x0, x0 + size), slice(y0, y0 + size))
-    arrays = [example.inputs[(slice(None), *window, k)], example.target[(*window, k)].astype(np.float32)[None],
-              roi[window].astype(np.float32)[None]]
+    if depth is None:
+        through = k
+    else:
+        z0 = int(np.clip(k - depth // 2, 0, max(example.roi.shape[2] - depth, 0)))
+        through = slice(z0, z0 + depth)
+    arrays = [example.inputs[(slice(None), *window, through)],
+              example.target[(*window, through)].astype(np.float32)[None],
+              example.roi[(*window, through)].astype(np.float32)[None]]
     turns, flip = int(rng.integers(4)), bool(rng.integers(2))
     arrays = [np.rot90(a, turns, axes=(1, 2)) for a in arrays]
     arrays = [np.ascontiguousarray(a[:, ::-1] if flip else a) for a in arrays]
