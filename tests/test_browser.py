@@ -2,7 +2,8 @@
 
 What papermill cannot check: the widgets. JupyterLab runs every cell (Run > Run All Cells, smoke mode), then the slice
 viewer's "slice" slider is moved with the keyboard and the kernel must send a new picture, and the NiiVue 3D viewer's
-WebGL canvas must draw something. Screenshots go to the test's tmp dir and, when DIFFUGTS_SCREENSHOTS names a
+WebGL canvas must draw something. A small notebook of notebooks 03 and 05's widgets (the prompt explorer, the frame
+slider) checks that their pictures are drawn at their own size beside a wide text box and slider. Screenshots go to the test's tmp dir and, when DIFFUGTS_SCREENSHOTS names a
 directory, there too (docs/screenshots/ keeps a committed set).
 
 Needs Chromium (Debian: `apt-get install chromium`; never `playwright install`) and the playwright package: without
@@ -16,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from tests.browser_support import CHROMIUM_ARGS, find_chromium, jupyter_lab, picture_stats
@@ -81,7 +83,23 @@ def lab(tmp_path_factory):
     with jupyter_lab(base) as server:
         papermill.execute_notebook(str(NOTEBOOK), str(server.root / "quickstart.ipynb"), prepare_only=True,
                                    parameters={"SMOKE": True, "OUTPUT_DIR": str(base / "out")}, progress_bar=False)
+        nbformat.write(_layout_notebook(), server.root / "layouts.ipynb")
         yield server
+
+
+def _layout_notebook():
+    """Notebooks 03 and 05's picture widgets on small stand-in pictures (no model): a frame slider and a prompt
+    explorer, whose 420 px text box once stretched a 360 px picture to the box's width."""
+    code = ["import numpy as np\nfrom diffugts_core import viz\n"
+            "frames = [np.full((64, 64), hu, np.float32) for hu in (-100.0, 0.0, 100.0)]\n"
+            "viz.frame_slider(frames, ['-100 HU', '0 HU', '100 HU'], description='step')",
+            "import matplotlib.pyplot as plt\n"
+            "def render(text):\n    fig, ax = plt.subplots(figsize=(3.6, 3.6))\n    ax.set_title(text, fontsize=8)\n"
+            "    return viz.figure_png(fig)\n"
+            "viz.prompt_explorer(render, 'a CT scan of a liver with a tumor')"]
+    return nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in code],
+                                    metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                             "language": "python"}})
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +130,9 @@ def _save(shots: dict, key: str, png: bytes, tmp_path: Path) -> None:
         shutil.copyfile(path, target / path.name)
 
 
-def _run_all(page, lab) -> None:
+def _run_all(page, lab, name: str = "quickstart.ipynb") -> None:
     """Open the notebook, wait for its kernel, Run > Run All Cells, wait until every cell ran; fail on an error."""
-    page.goto(lab.lab_url("quickstart.ipynb"))
+    page.goto(lab.lab_url(name))
     page.locator(".jp-NotebookPanel .jp-Notebook").first.wait_for()
     # a notebook without a kernelspec in its metadata asks for one: take the one proposed (python3)
     select_kernel = page.locator(".jp-Dialog").filter(has_text=re.compile("Select Kernel", re.IGNORECASE))
@@ -217,3 +235,29 @@ def test_quickstart_widgets_in_jupyterlab(lab, page, tmp_path):
     # the picture is drawn at its own pixel size: neither stretched to the box nor squeezed
     natural, shown = size["natural"], size["shown"]
     assert abs(shown[0] - natural[0]) <= 1 and abs(shown[1] - natural[1]) <= 1, f"picture {natural} drawn at {shown}"
+
+
+def _shown_at_own_size(picture) -> tuple[list, list]:
+    size = picture.evaluate("img => ({natural: [img.naturalWidth, img.naturalHeight],"
+                            " shown: [img.getBoundingClientRect().width, img.getBoundingClientRect().height]})")
+    return size["natural"], size["shown"]
+
+
+def test_frame_slider_and_prompt_explorer_draw_pictures_at_their_own_size(lab, page):
+    """Notebooks 03 and 05's widgets: neither the slider nor the wide text box stretches the picture under it."""
+    _run_all(page, lab, "layouts.ipynb")
+    outputs = page.locator(".jp-OutputArea-output")
+    slider_picture = outputs.filter(has=page.locator(".widget-hslider")).locator("img.widget-image").first
+    explorer = outputs.filter(has=page.locator(".widget-text"))
+    explorer.get_by_role("button", name="show map").click()
+    explorer_picture = explorer.locator("img.widget-image").first
+    for picture in (slider_picture, explorer_picture):
+        picture.scroll_into_view_if_needed()
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=picture.element_handle(),
+                               timeout=60_000)
+    box_width = explorer.locator(".widget-text").first.evaluate("el => el.getBoundingClientRect().width")
+    for name, picture in (("frame slider", slider_picture), ("prompt explorer", explorer_picture)):
+        natural, shown = _shown_at_own_size(picture)
+        print(f"browser: {name} picture natural {natural} px, shown {shown} px (text box {box_width:.0f} px)")
+        assert abs(shown[0] - natural[0]) <= 1 and abs(shown[1] - natural[1]) <= 1, \
+            f"{name}: picture {natural} drawn at {shown}"
