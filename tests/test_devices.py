@@ -74,6 +74,42 @@ def test_inpainting_matches_the_cpu_reference(results):
     assert bool(now["outside_unchanged"])
 
 
+def test_maisi_gives_the_cpus_answers_on_the_device(tmp_path):
+    """MAISI's code path (a tiny random-weight bundle, written the same from its seed on any machine) on the device
+    against the same bundle on the CPU: encoder stages, and ROI inpainting with the same seed. On CUDA MAISI runs
+    under float16 autocast, as NVIDIA runs it, hence a tolerance rather than equality (not yet run on a GPU)."""
+    from diffugts_core.aova import volume_features
+    from diffugts_core.backbone.maisi import MaisiBackbone, write_tiny_bundle
+    from diffugts_core.experiments.maisi_roi import lesion_case
+    from diffugts_core.inpaint3d import VolumeInpaintConfig, inpaint_volume
+
+    bundle = write_tiny_bundle(tmp_path / "bundle")
+    image, roi = lesion_case((32, 32, 32), 0.05)
+    answers = []
+    for device in ("cpu", DEVICE):
+        backbone = MaisiBackbone.from_bundle(bundle, device=device)
+        features = volume_features(backbone, image, "CT")
+        healthy = inpaint_volume(backbone, image, "CT", roi, VolumeInpaintConfig(steps=3, seed=0))
+        answers.append((features, healthy))
+    (cpu_features, cpu_healthy), (features, healthy) = answers
+    for reference, now in zip(cpu_features, features):
+        assert np.abs(now.float().numpy() - reference.float().numpy()).max() < 0.05 * reference.abs().max().item()
+    assert np.array_equal(healthy[~roi], image[~roi])  # outside the ROI the input, bit for bit, on every device
+    assert np.abs(healthy[roi] - cpu_healthy[roi]).mean() < 20.0  # HU, of the 2,000 HU window
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="MAISI's real size needs a GPU")
+def test_maisi_real_size_runs_on_the_gpu_within_its_memory():
+    """MAISI's real-size networks (random weights) at 256 x 256 x 128: ROI sub-volume inpainting of a 5 % lesion, with
+    its time and peak GPU memory printed (the figures the MAISI section of docs/maisi.md waits for)."""
+    from diffugts_core.experiments.maisi_roi import measure, real_size_backbone
+
+    backbone = real_size_backbone("cuda")
+    for row in measure(backbone, "MAISI real size", (256, 256, 128), 0.05):
+        print(f"MAISI {row.path}: {row.latent_cells} latent cells, {row.seconds:.1f} s, {row.peak_mb:.0f} MB")
+        assert row.seconds > 0 and row.peak_mb > 0
+
+
 if __name__ == "__main__":
     REFERENCE.parent.mkdir(exist_ok=True)
     arrays = compute("cpu")
