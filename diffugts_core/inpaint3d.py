@@ -133,6 +133,12 @@ class InpaintingWindow:
         """The window in voxels of the padded volume (what is encoded and decoded)."""
         return tuple(slice(s.start * self.downsample, s.stop * self.downsample) for s in self.latent)
 
+    def in_image(self, shape: tuple[int, int, int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """(the window's part inside an image of ``shape``, the same part in the window's own voxels): the window
+        reaches into the padding the image does not have."""
+        region = tuple(slice(v.start, min(v.stop, side)) for v, side in zip(self.voxels, shape))
+        return region, tuple(slice(0, r.stop - r.start) for r in region)
+
 
 def roi_cells(backbone, roi_mask: np.ndarray) -> torch.Tensor:
     """(X, Y, Z) ROI -> (1, 1, x, y, z) latent cells of the padded volume, max-pooled: any coverage marks a cell."""
@@ -189,8 +195,8 @@ def inpaint_volume(backbone, image: np.ndarray, modality: str, roi_mask: np.ndar
     z = _repaint(backbone, schedule, z0, known, window, cond, config, progress)
     decoded = backbone.decode(z)[0, 0].float().cpu().numpy()
     # paste back in image units inside the ROI only: the window reaches into the padding the volume does not have
-    region = tuple(slice(v.start, min(v.stop, side)) for v, side in zip(window.voxels, image.shape))
-    generated = intensity.inverse(decoded[tuple(slice(0, r.stop - r.start) for r in region)])
+    region, inside_window = window.in_image(image.shape)
+    generated = intensity.inverse(decoded[inside_window])
     healthy[region] = np.where(inside[region], generated, healthy[region])
     return healthy
 

@@ -131,7 +131,8 @@ class TrainedResidualHead:
         with atomic_path(folder / f"{stem}.safetensors", suffix=".safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp))
         meta = {"setting": self.setting, **({"modality": self.modality} if self.modality else {}),
-                **({"spatial_dims": 3} if self.head.spatial_dims == 3 else {}), "inputs": list(INPUTS), "thresholds": asdict(self.thresholds), "config": asdict(self.config),
+                **({"spatial_dims": 3} if self.head.spatial_dims == 3 else {}), "inputs": list(INPUTS),
+                "thresholds": asdict(self.thresholds), "config": asdict(self.config),
                 "parameters": self.head.parameter_count}
         write_text_atomic(folder / f"{stem}.json", json.dumps(meta, indent=2) + "\n")
         return folder
@@ -182,7 +183,8 @@ def pixel_residual(backbone, image: np.ndarray, healthy: np.ndarray, modality: s
 def feature_residual(backbone, image: np.ndarray, healthy: np.ndarray, modality: str, roi: np.ndarray,
                      batch: int = 32) -> np.ndarray:
     """Sum over the encoder's three stages of upsample(1 - cos(F_l(I), F_l(H))); computed on the ROI's slices only
-    (elsewhere H = I and the residual is 0). A 3D backbone encodes both volumes whole and upsamples trilinearly."""
+    (elsewhere H = I and the residual is 0). A 3D backbone encodes both volumes in the inpainting window only and
+    upsamples trilinearly."""
     out = np.zeros(image.shape, np.float32)
     todo = np.flatnonzero(roi.any((0, 1)))
     if len(todo) == 0:
@@ -207,14 +209,14 @@ def _volume_feature_residual(backbone, intensity, image: np.ndarray, healthy: np
     a few latent cells of context), not the whole volume: beyond the window H = I."""
     from .inpaint3d import inpainting_window  # MONAI's schedulers load only for a 3D model
 
-    window = inpainting_window(backbone, roi).voxels
-    x, h = (backbone.volume_to_batch(intensity.forward(v))[(..., *window)] for v in (image, healthy))
+    window = inpainting_window(backbone, roi)
+    x, h = (backbone.volume_to_batch(intensity.forward(v))[(..., *window.voxels)] for v in (image, healthy))
     total = sum(F.interpolate((1 - F.cosine_similarity(a, b, dim=1))[:, None].float().cpu(), size=x.shape[2:],
                               mode="trilinear", align_corners=False)[0, 0]
                 for a, b in zip(backbone.encode_features(x), backbone.encode_features(h)))
     out = np.zeros(image.shape, np.float32)
-    region = tuple(slice(w.start, min(w.stop, side)) for w, side in zip(window, image.shape))
-    out[region] = total[tuple(slice(0, r.stop - r.start) for r in region)].numpy()
+    region, inside_window = window.in_image(image.shape)
+    out[region] = total[inside_window].numpy()
     out[:, :, ~roi.any((0, 1))] = 0  # as the 2D model's: the ROI's slices only
     return out
 
