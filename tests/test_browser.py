@@ -25,6 +25,7 @@ from tests.browser_support import CHROMIUM_ARGS, find_chromium, jupyter_lab, pic
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "00_quickstart.ipynb"
 RUN_TIMEOUT_MS = 600_000  # Run All in smoke mode: 60-120 s on two busy CPU cores; generous for a loaded CI worker
+KERNEL_TIMEOUT_S = 120  # a kernel starts in seconds; a busy CI worker takes longer
 CANVAS_TIMEOUT_S = 60  # NiiVue loads its volumes asynchronously, then draws
 SHOTS = {"page": "00_quickstart_lab.png", "before": "00_quickstart_slice_viewer_before.png",
          "after": "00_quickstart_slice_viewer_after.png", "3d": "00_quickstart_niivue_3d.png"}
@@ -38,7 +39,9 @@ NOTEBOOK_STATE_JS = """() => {
   if (!panel) return null;
   const indicator = panel.querySelector('.jp-Notebook-ExecutionIndicator');
   const kernel = panel.querySelector('.jp-Toolbar-kernelName');
+  const tab = document.querySelector('.lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current .lm-TabBar-tabLabel');
   return {
+    name: tab ? tab.textContent.trim() : null,
     // the indicator says "idle" before any kernel is there ("No Kernel | Initializing"): a kernel name is needed too
     status: indicator && kernel && !/No Kernel/.test(kernel.textContent) ? indicator.dataset.status : null,
     dialog: [...document.querySelectorAll('.jp-Dialog')].map(e => e.textContent).join(' | '),
@@ -132,14 +135,23 @@ def _save(shots: dict, key: str, png: bytes, tmp_path: Path) -> None:
 
 def _run_all(page, lab, name: str = "quickstart.ipynb") -> None:
     """Open the notebook, wait for its kernel, Run > Run All Cells, wait until every cell ran; fail on an error."""
-    page.goto(lab.lab_url(name))
+    # reset: the workspace would reopen the previous test's notebook, whose idle kernel could pass for this one's
+    page.goto(lab.lab_url(name) + "&reset")
     page.locator(".jp-NotebookPanel .jp-Notebook").first.wait_for()
-    # a notebook without a kernelspec in its metadata asks for one: take the one proposed (python3)
+    # JupyterLab may ask for a kernel (also for a notebook with a kernelspec, when other kernels run): take the one
+    # proposed (python3), whenever the dialog comes, until this notebook's own kernel is idle
     select_kernel = page.locator(".jp-Dialog").filter(has_text=re.compile("Select Kernel", re.IGNORECASE))
-    page.wait_for_function(f"() => ({KERNEL_IDLE_JS})() || !!document.querySelector('.jp-Dialog')", timeout=120_000)
-    if select_kernel.is_visible():
-        select_kernel.get_by_role("button", name=re.compile("^Select$")).click()
-    page.wait_for_function(KERNEL_IDLE_JS, timeout=120_000)
+    deadline = time.monotonic() + KERNEL_TIMEOUT_S
+    while True:
+        if select_kernel.is_visible():
+            select_kernel.get_by_role("button", name=re.compile("^Select$")).click()
+        state = page.evaluate(NOTEBOOK_STATE_JS)
+        if state and state["name"] == name and state["status"] == "idle" and not state["dialog"]:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name}'s kernel was not idle within {KERNEL_TIMEOUT_S} s; notebook state: {state}\n"
+                        f"server log:\n{lab.log_tail()}", pytrace=False)
+        page.wait_for_timeout(500)
 
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
