@@ -171,6 +171,16 @@ def test_v2_training_is_resumable_2_5d_and_organ_aware(tmp_path):
     assert (out / "training_curves.png").stat().st_size > 1000
     card = (out / "README.md").read_text()
     assert "2x down-sampling" in card and "organ map" in card and "`first && second`" in card
+    # the curve's last UNet validation point is the held-out loss of the saved weights, recomputed here from scratch
+    # (it once read the last training batch through a closure over the training loop's names)
+    validation = healthy_volumes(tiny, backbone.config, seed=tiny.validation_seed,
+                                 per_region=tiny.validation_volumes_per_region, progress=False, cache=out / "checkpoints")
+    with torch.no_grad():
+        pick = foundation._validation_pick(validation)
+        latents = backbone.vae.encode(validation.stacks(pick, 1)).latent_dist.mean * backbone.vae.config.scaling_factor
+    held_out = foundation.HeldOutNoiseLoss(validation, latents, foundation.build_models(tiny, 384)[2], 2, "cpu",
+                                           seed=tiny.seed + 3)
+    assert state["curves"]["unet"][-1]["validation"] == pytest.approx(held_out(backbone.unet), abs=2e-6)
 
 
 # ---- the shipped default -------------------------------------------------------------------

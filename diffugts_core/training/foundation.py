@@ -395,6 +395,36 @@ def _denoiser_input(z_t: torch.Tensor, organ_maps: torch.Tensor | None) -> torch
     return z_t if organ_maps is None else torch.cat([z_t, organ_maps], 1)
 
 
+class HeldOutNoiseLoss:
+    """The UNet's noise MSE on held-out healthy slices, with noise and timesteps fixed once (spread over the schedule),
+    so that the curve moves only with the weights; ``organ_downsample``: the latent cell, for an organ-aware UNet.
+    Its own object: a closure inside the training loop would read the loop's rebound names (the last training batch)
+    instead of these."""
+
+    def __init__(self, validation: HealthyVolumes, validation_latents: torch.Tensor, scheduler,
+                 organ_downsample: int | None, device, seed: int = 3, batch: int = 32):
+        pick = _validation_pick(validation)
+        fixed = torch.Generator().manual_seed(seed)
+        self.noise = torch.randn(validation_latents.shape, generator=fixed)
+        self.steps = torch.linspace(0, scheduler.config.num_train_timesteps - 1, len(pick)).long()
+        self.z_t = scheduler.add_noise(validation_latents, self.noise, self.steps).to(device)
+        self.noise, self.steps = self.noise.to(device), self.steps.to(device)
+        self.maps = None if organ_downsample is None else validation.organ_maps(pick, organ_downsample).to(device)
+        held_out = TextEncoder.from_pretrained(device="cpu").encode([validation.captions[i] for i in pick])
+        self.tokens, self.mask = held_out.tokens.to(device), held_out.attention_mask.to(device)
+        self.parts = torch.arange(len(pick)).split(batch)
+
+    @torch.no_grad()
+    def __call__(self, unet) -> float:
+        was_training = unet.training
+        unet.eval()
+        predicted = torch.cat([unet(_denoiser_input(self.z_t[part], None if self.maps is None else self.maps[part]),
+                                    self.steps[part], encoder_hidden_states=self.tokens[part],
+                                    encoder_attention_mask=self.mask[part]).sample for part in self.parts])
+        unet.train(was_training)
+        return float(torch.nn.functional.mse_loss(predicted, self.noise))
+
+
 def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, validation: HealthyVolumes | None,
                 scheduler, run: _Run, progress):
     config, state = run.config, run.state
@@ -405,29 +435,10 @@ def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, 
     if config.crop_fraction:
         state.setdefault("crops_from_step", start)
     generator = torch.Generator().manual_seed(config.seed + 2 + start)
-    validation_loss = None
-    if validation is not None:
-        # fixed noise and timesteps spread over the schedule, so the curve moves only with the weights
-        pick = _validation_pick(validation)
-        fixed = torch.Generator().manual_seed(config.seed + 3)
-        noise = torch.randn(validation_latents.shape, generator=fixed)
-        steps = torch.linspace(0, scheduler.config.num_train_timesteps - 1, len(pick)).long()
-        z_t = scheduler.add_noise(validation_latents, noise, steps).to(run.device)
-        noise, steps = noise.to(run.device), steps.to(run.device)
-        maps = validation.organ_maps(pick, downsample).to(run.device) if config.organ_conditioning else None
-        held_out = TextEncoder.from_pretrained(device="cpu").encode([validation.captions[i] for i in pick])
-        held_out_tokens, held_out_mask = held_out.tokens.to(run.device), held_out.attention_mask.to(run.device)
-
-        def validation_loss() -> float:
-            with torch.no_grad():
-                unet.eval()
-                predicted = torch.cat([unet(_denoiser_input(z_t[part], None if maps is None else maps[part]),
-                                            steps[part], encoder_hidden_states=held_out_tokens[part],
-                                            encoder_attention_mask=held_out_mask[part]).sample
-                                       for part in torch.arange(len(pick)).split(32)])
-                unet.train()
-            return float(torch.nn.functional.mse_loss(predicted, noise))
-
+    held_out = None if validation is None else HeldOutNoiseLoss(
+        validation, validation_latents, scheduler, downsample if config.organ_conditioning else None, run.device,
+        seed=config.seed + 3)
+    validation_loss = None if held_out is None else (lambda: held_out(unet))
     unet.train()
     bar = tqdm(range(start, config.unet_steps), desc="UNet", disable=not progress, initial=start,
                total=config.unet_steps)
