@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -180,3 +181,37 @@ def test_train_heads_refuses_a_negative_count_of_modality_head_cases(tmp_path, c
     assert main(["train-heads", "--setting", "ct-mri", "--out", str(tmp_path / "h"), "--modality-healthy", "-1"]) == 2
     assert "--modality-healthy must be 0 or more" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()
+
+
+def test_train_heads_keeps_the_aova_heads_when_the_residual_stage_stops(tmp_path, monkeypatch, capsys):
+    """The AOVA and region heads are written before the residual stage (on v2 they take about an hour), an earlier
+    run's residual heads go with them, and --residual-only goes on from them."""
+    from diffugts_core import backbone as backbone_module
+    from diffugts_core.heads import TrainedHeads, heads_folder
+    from diffugts_core.residual import TrainedResidualHead
+    from diffugts_core.text import TextEncoder
+    from diffugts_core.training import heads as training_heads, residual as training_residual
+
+    shipped = heads_folder("default")
+    monkeypatch.setattr(backbone_module, "load_backbone", lambda *a, **k: SimpleNamespace(
+        config=SimpleNamespace(text_encoder="all-MiniLM-L6-v2")))
+    monkeypatch.setattr(TextEncoder, "from_pretrained", classmethod(lambda cls, *a, **k: None))
+    monkeypatch.setattr(training_heads, "train_heads", lambda *a, **k: TrainedHeads.load(shipped))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_residual, "train_residual_head", stopped)
+    out = tmp_path / "heads"
+    out.mkdir()
+    (out / "residual.json").write_text("{}")  # an earlier run's, trained on other AOVA heads
+    with pytest.raises(KeyboardInterrupt):
+        main(["train-heads", "--setting", "seen-unseen", "--out", str(out), "--no-progress"])
+    assert sorted(p.name for p in out.iterdir()) == ["heads.json", "heads.safetensors"]
+    assert "--residual-only goes on" in capsys.readouterr().out
+
+    monkeypatch.setattr(training_heads, "train_heads", lambda *a, **k: pytest.fail("--residual-only trains no heads"))
+    monkeypatch.setattr(training_residual, "train_residual_head", lambda *a, **k: TrainedResidualHead.load(shipped))
+    monkeypatch.setattr(training_residual, "train_modality_heads", lambda *a, **k: [])
+    assert main(["train-heads", "--setting", "seen-unseen", "--out", str(out), "--residual-only", "--no-progress"]) == 0
+    assert {"heads.json", "residual.json", "residual.safetensors"} <= {p.name for p in out.iterdir()}

@@ -73,14 +73,18 @@ def _run_train_heads(args) -> int:
             raise InputError(f"{args.out} holds heads of {heads.setting}, not {args.setting}")
     else:
         heads = train_heads(backbone, text_encoder, config, progress=not args.no_progress)
+        # kept at once (an hour's work on v2), without an earlier run's residual heads, which do not match them: a
+        # residual stage that stops goes on with --residual-only
+        heads.save(args.out)
+        remove_residual_heads(args.out)
+        print(f"wrote the AOVA and region heads to {args.out}; if the residual stage stops, --residual-only goes on "
+              "from them")
     residual_config = ResidualConfig(steps=args.residual_steps, seed=args.seed, modality_healthy=args.modality_healthy,
                                      organ_reach=args.organ_reach)
     residual = train_residual_head(heads, backbone, text_encoder, residual_config, cache=args.cache,
                                    progress=not args.no_progress)
     modality_heads = train_modality_heads(heads, backbone, text_encoder, residual_config, cache=args.cache,
                                           progress=not args.no_progress)
-    if not args.residual_only:
-        heads.save(args.out)
     remove_residual_heads(args.out)  # those of an earlier run, modality heads this one does not replace among them
     for head in (residual, *modality_heads):
         head.save(args.out)
