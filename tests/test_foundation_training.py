@@ -181,6 +181,8 @@ def test_v2_training_is_resumable_2_5d_and_organ_aware(tmp_path):
     held_out = foundation.HeldOutNoiseLoss(validation, latents, foundation.build_models(tiny, 384)[2], 2, "cpu",
                                            seed=tiny.seed + 3)
     assert state["curves"]["unet"][-1]["validation"] == pytest.approx(held_out(backbone.unet), abs=2e-6)
+    untrained = foundation.build_models(tiny, 384)[1]  # and it is a loss of the weights, not a constant
+    assert held_out(untrained) > 0 and held_out(untrained) != pytest.approx(held_out(backbone.unet), abs=1e-4)
 
 
 # ---- the shipped default -------------------------------------------------------------------
