@@ -5,7 +5,7 @@ settings and their splits are in ``data.splits``; training is in ``training.head
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -43,6 +43,7 @@ class TrainedHeads:
     thresholds: DetectionThresholds
     config: HeadsConfig
     abnormal_organs: tuple[str, ...] = ()  # organs whose abnormal prompt was a training target
+    foundation_sha256: dict[str, str] = field(default_factory=dict)  # the model trained on ({}: not recorded)
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -54,7 +55,8 @@ class TrainedHeads:
         meta = {"setting": self.setting, "seen": list(self.seen), "abnormal_organs": list(self.abnormal_organs),
                 "thresholds": asdict(self.thresholds),
                 "config": asdict(self.config), "stage_channels": list(self.aova.stage_channels),
-                "text_dim": self.aova.text_dim}
+                "text_dim": self.aova.text_dim,
+                **({"foundation_sha256": self.foundation_sha256} if self.foundation_sha256 else {})}
         write_text_atomic(folder / "heads.json", json.dumps(meta, indent=2) + "\n")
         return folder
 
@@ -69,7 +71,8 @@ class TrainedHeads:
         aova.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("aova.")})
         region.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("region.")})
         return cls(aova.eval(), region.eval(), meta["setting"], tuple(meta["seen"]),
-                   DetectionThresholds(**meta["thresholds"]), config, tuple(meta["abnormal_organs"]))
+                   DetectionThresholds(**meta["thresholds"]), config, tuple(meta["abnormal_organs"]),
+                   meta.get("foundation_sha256", {}))
 
 
 DEFAULT_HEADS = "aova-heads-seen-unseen"  # registry name of the shipped heads (seen: liver, kidney, pancreas)

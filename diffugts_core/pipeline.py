@@ -16,6 +16,8 @@ Every intermediate is kept on the result, with per-stage timings.
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -106,20 +108,16 @@ class DiffuGTSPipeline:
         folder = heads_folder(heads)
         backbone = load_backbone(model, device=device)
         text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder, device=device)
-        return cls(backbone, text_encoder, TrainedHeads.load(folder), TrainedResidualHead.load(folder),
-                   modality_heads=load_modality_heads(folder), source=folder)
+        heads, residual, modality_heads = (TrainedHeads.load(folder), TrainedResidualHead.load(folder),
+                                           load_modality_heads(folder))
+        check_trained_on(backbone, model, folder, heads, [residual, *modality_heads.values()])
+        return cls(backbone, text_encoder, heads, residual, modality_heads=modality_heads, source=folder)
 
     def weights_sha256(self) -> dict[str, str]:
         """sha256 of every weight file behind the pipeline: the foundation model's and the heads'."""
-        from .backbone.registry import sha256_file
+        from .backbone.registry import foundation_sha256, sha256_file
 
-        weights = {}
-        source = getattr(self.backbone, "source", None)
-        files = getattr(self.backbone, "files", None)  # a MAISI bundle's weight files
-        if files is not None:
-            weights.update({f"model/{p.name}": sha256_file(p) for p in (files.autoencoder, files.diffusion)})
-        elif source is not None:
-            weights.update({f"model/{p.parent.name}": sha256_file(p) for p in sorted(source.glob("*/*.safetensors"))})
+        weights = {f"model/{part}": digest for part, digest in foundation_sha256(self.backbone).items()}
         if self.heads_folder is not None:
             weights.update({f"heads/{p.name}": sha256_file(p) for p in sorted(self.heads_folder.glob("*.safetensors"))})
         return weights
@@ -211,6 +209,31 @@ class DiffuGTSPipeline:
             thresholds={"detection": vars(self.heads.thresholds), "refinement": vars(thresholds), "method": method,
                         "residual_head": residual_head.stem(residual_head.modality)},
             seeds=seeds, timings=timings, warnings=doubts)
+
+
+def check_trained_on(backbone, model, folder: Path, heads: TrainedHeads,
+                     residual_heads: Sequence[TrainedResidualHead] = ()) -> None:
+    """Refuse heads trained on another encoder than ``backbone``'s: their maps would read features they never saw.
+    Warn when residual heads were trained on another denoiser's pseudo-healthy images: usable, but retrain them.
+    Heads that record no model (trained before the record existed) pass."""
+    from .backbone.registry import encoder_part, foundation_sha256
+
+    if not (heads.foundation_sha256 or any(head.foundation_sha256 for head in residual_heads)):
+        return
+    current = foundation_sha256(backbone)
+    encoder = encoder_part(backbone)
+    if not current:
+        return
+    if heads.foundation_sha256.get(encoder, current.get(encoder)) != current.get(encoder):
+        raise InputError(f"{folder}: these heads were trained on another foundation model (its {encoder} weights "
+                         f"differ from those of model {model}); train heads on this one: diffugts train-heads "
+                         f"--model {model} --setting {heads.setting} --out DIR")
+    stale = [TrainedResidualHead.stem(head.modality) for head in residual_heads
+             if any(head.foundation_sha256.get(part, digest) != digest for part, digest in current.items())]
+    if stale:
+        warnings.warn(f"{folder}: {', '.join(stale)} were trained on the pseudo-healthy images of another version of "
+                      f"model {model}; retrain them: diffugts train-heads --residual-only --model {model} "
+                      f"--setting {heads.setting} --out {folder}", stacklevel=3)
 
 
 @contextmanager

@@ -119,6 +119,7 @@ class TrainedResidualHead:
     config: ResidualConfig
     setting: str
     modality: str | None = None  # None: the head of the seen categories, which serves every modality without its own
+    foundation_sha256: dict[str, str] = field(default_factory=dict)  # the model trained on ({}: not recorded)
 
     @staticmethod
     def stem(modality: str | None) -> str:
@@ -133,7 +134,8 @@ class TrainedResidualHead:
         meta = {"setting": self.setting, **({"modality": self.modality} if self.modality else {}),
                 **({"spatial_dims": 3} if self.head.spatial_dims == 3 else {}), "inputs": list(INPUTS),
                 "thresholds": asdict(self.thresholds), "config": asdict(self.config),
-                "parameters": self.head.parameter_count}
+                "parameters": self.head.parameter_count,
+                **({"foundation_sha256": self.foundation_sha256} if self.foundation_sha256 else {})}
         write_text_atomic(folder / f"{stem}.json", json.dumps(meta, indent=2) + "\n")
         return folder
 
@@ -147,7 +149,8 @@ class TrainedResidualHead:
         config = ResidualConfig.from_dict(meta["config"])
         head = ResidualHead(config.channels, meta.get("spatial_dims", 2))
         head.load_state_dict(load_file(folder / f"{stem}.safetensors"))
-        return cls(head.eval(), RefinementThresholds(**meta["thresholds"]), config, meta["setting"], modality)
+        return cls(head.eval(), RefinementThresholds(**meta["thresholds"]), config, meta["setting"], modality,
+                   meta.get("foundation_sha256", {}))
 
 
 def load_modality_heads(folder: str | Path) -> dict[str, TrainedResidualHead]:

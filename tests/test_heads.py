@@ -270,3 +270,45 @@ def test_conditioning_organs_come_from_the_maps_and_a_given_mask_replaces_the_or
     user[3, 3, 0] = True
     index = conditioning_organs(aova, organs, threshold=0.5, organ="kidney", organ_mask=user)
     assert index[..., 0].tolist() == [[0, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 3]]
+
+
+def test_heads_record_the_foundation_model_they_were_trained_on(trained, backbone, tmp_path):
+    from diffugts_core.backbone.registry import foundation_sha256
+
+    assert set(trained.foundation_sha256) == {"unet", "vae"}
+    assert trained.foundation_sha256 == foundation_sha256(backbone)
+    trained.save(tmp_path / "heads")
+    assert TrainedHeads.load(tmp_path / "heads").foundation_sha256 == trained.foundation_sha256
+
+
+def test_heads_of_another_encoder_are_refused_and_residual_heads_of_another_denoiser_warned(backbone, tmp_path):
+    import json
+    import shutil
+    import warnings
+
+    from diffugts_core.backbone.registry import foundation_sha256
+    from diffugts_core.io import InputError
+    from diffugts_core.pipeline import DiffuGTSPipeline, check_trained_on
+    from diffugts_core.residual import TrainedResidualHead
+
+    folder = tmp_path / "heads"
+    shutil.copytree(heads_module.heads_folder("default"), folder)
+    actual = foundation_sha256(backbone)
+
+    def record(name, **parts):
+        meta = json.loads((folder / name).read_text())
+        meta["foundation_sha256"] = {**actual, **parts}
+        (folder / name).write_text(json.dumps(meta))
+
+    record("heads.json", vae="0" * 64)
+    with pytest.raises(InputError, match="trained on another foundation model.*train-heads --model default"):
+        DiffuGTSPipeline.from_pretrained(folder, device="cpu")
+    record("heads.json")
+    record("residual.json", unet="0" * 64)
+    heads, residual = TrainedHeads.load(folder), TrainedResidualHead.load(folder)
+    with pytest.warns(UserWarning, match="residual were trained on the pseudo-healthy images of another version"):
+        check_trained_on(backbone, "default", folder, heads, [residual])
+    record("residual.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_trained_on(backbone, "default", folder, heads, [TrainedResidualHead.load(folder)])

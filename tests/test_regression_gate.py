@@ -190,6 +190,11 @@ def test_seen_unseen_keeps_the_shipped_heads_when_the_cache_has_none_of_its_own(
     assert pipeline.heads.seen == shipped_pipeline.heads.seen and not (tmp_path / "heads").exists()  # nothing trained
 
 
+def test_seen_unseen_on_another_model_needs_heads_trained_on_it(tmp_path):
+    with pytest.raises(ValueError, match="needs heads trained on models/other: pass --heads-cache"):
+        setting_pipeline("seen-unseen", None, model="models/other")
+
+
 def test_a_cached_residual_head_of_another_configuration_is_trained_again(tmp_path, monkeypatch):
     shipped = ROOT / "models" / "aova_heads" / "seen_unseen"
     folder = tmp_path / "heads" / "seen-unseen"

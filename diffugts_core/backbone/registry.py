@@ -38,6 +38,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def foundation_sha256(backbone) -> dict[str, str]:
+    """sha256 of the weights of a foundation model loaded from a folder, by part: "vae" and "unet" for a diffusers
+    folder, the file names for a MAISI bundle; {} for a model built in memory."""
+    files = getattr(backbone, "files", None)  # a MAISI bundle's weight files
+    if files is not None:
+        return {p.name: sha256_file(p) for p in (files.autoencoder, files.diffusion)}
+    source = getattr(backbone, "source", None)
+    if source is None:
+        return {}
+    return {p.parent.name: sha256_file(p) for p in sorted(Path(source).glob("*/*.safetensors"))}
+
+
+def encoder_part(backbone) -> str:
+    """The part of ``foundation_sha256`` whose weights give the features that AOVA heads read."""
+    files = getattr(backbone, "files", None)
+    return "vae" if files is None else files.autoencoder.name
+
+
 def verified_model_path(name: str = DEFAULT_MODEL, registry: dict | None = None, root: Path | None = None) -> Path:
     """The folder of a registered model, after checking every file's sha256."""
     registry = load_registry() if registry is None else registry

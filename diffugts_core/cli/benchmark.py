@@ -39,7 +39,9 @@ def add_benchmark(subparsers) -> None:
                         help="--speed: cases (default 3: liver, hepatic vessel, kidney)")
     parser.add_argument("--per-category", type=int, default=2,
                         help="--windows: validation cases per seen category (default 2)")
-    parser.add_argument("--model", default="default", help="--windows: foundation model folder (default: shipped)")
+    parser.add_argument("--model", default="default",
+                        help="--windows, --setting: foundation model folder (default: shipped); with --setting, "
+                        "--heads-cache must hold heads trained on it (or they are trained there)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.set_defaults(run=_run_benchmark, paths=lambda args: (
         model_inputs(args), [*optional_file(args.json, "JSON report"), *optional_folder(args.out, "results folder"),
@@ -84,7 +86,7 @@ def _zero_shot(args) -> int:
     tables, runs = [], []
     for setting in settings:
         try:
-            pipeline = setting_pipeline(setting, args.heads_cache, progress=True)
+            pipeline = setting_pipeline(setting, args.heads_cache, model=args.model, progress=True)
         except ValueError as error:
             raise InputError(str(error)) from None
         specialists = {category: specialist_for(category, args.heads_cache, progress=True)
@@ -101,7 +103,8 @@ def _zero_shot(args) -> int:
                   "specialists)")
         if args.heads_cache is not None and "supervised_heads" not in results:
             results = add_supervised_upper_bound(
-                results, config, lambda name: setting_pipeline(name, args.heads_cache, progress=True), progress=True)
+                results, config, lambda name: setting_pipeline(name, args.heads_cache, model=args.model,
+                                                                    progress=True), progress=True)
             write_benchmark(results, args.out / setting)
         runs.append(results)
         tables.append(format_table(results))

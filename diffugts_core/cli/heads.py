@@ -49,6 +49,7 @@ def _run_train_heads(args) -> int:
     from ..backbone.registry import load_registry, record_model
     from ..data.splits import setting_categories
     from ..heads import HeadsConfig, TrainedHeads
+    from ..pipeline import check_trained_on
     from ..training.heads import train_heads
     from ..training.recipes import remove_residual_heads
     from ..residual import ResidualConfig
@@ -71,6 +72,7 @@ def _run_train_heads(args) -> int:
         heads = TrainedHeads.load(args.out)
         if heads.setting != args.setting:
             raise InputError(f"{args.out} holds heads of {heads.setting}, not {args.setting}")
+        check_trained_on(backbone, args.model, args.out, heads)
     else:
         heads = train_heads(backbone, text_encoder, config, progress=not args.no_progress)
         # kept at once (an hour's work on v2), without an earlier run's residual heads, which do not match them: a

@@ -20,6 +20,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from ..data import phantoms
+from ..backbone.registry import foundation_sha256
 from ..aova import (IGNORE, LESION_ORGANS, AOVAHead, anomaly_map, aova_loss, build_prompt_set, organ_voxels,
                     prompt_targets, run_aova, volume_features)
 from ..detect import DetectionThresholds, RegionHead, find_regions
@@ -115,7 +116,8 @@ def train_heads(backbone, text_encoder, config: HeadsConfig = HeadsConfig(), *, 
     channels = [f.shape[1] for f in bank.features]
     aova = AOVAHead(channels, text_encoder.hidden_size, config.dim, alpha=config.adapter_alpha)
     region = RegionHead(channels, text_encoder.hidden_size, config.dim)
-    heads = TrainedHeads(aova, region, config.setting, seen, DetectionThresholds(), config, abnormal)
+    heads = TrainedHeads(aova, region, config.setting, seen, DetectionThresholds(), config, abnormal,
+                         foundation_sha256(backbone))
     _fit(heads, bank, prompt_sets, config, rng, progress)
     validation = list(split_cases(config.setting, "validation", config, shape))
     heads.thresholds = choose_thresholds(heads, backbone, text_encoder, validation)

@@ -37,20 +37,25 @@ def train_or_reuse_heads(folder: Path, config: HeadsConfig, backbone, text_encod
     return heads
 
 
-def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool = False):
-    """The pipeline with the heads of ``setting``: the `train-heads` folder ``heads_cache/<setting>`` (the same cache
-    as `evaluate-aova --heads-cache`), trained there first (AOVA heads, then the residual heads: the MRI head only
-    where the setting's test cases are MRI) when it is missing or was trained with another configuration than the
-    defaults; for seen -> unseen, the shipped heads unless that folder exists. The residual heads' pseudo-healthy
-    training images are cached in ``heads_cache/pseudo_healthy``."""
-    if setting == "seen-unseen" and (heads_cache is None or not (Path(heads_cache) / setting).is_dir()):
+def setting_pipeline(setting: str, heads_cache: Path | None, *, model: str | Path = "default",
+                     progress: bool = False):
+    """The pipeline on foundation ``model`` with the heads of ``setting``: the `train-heads` folder
+    ``heads_cache/<setting>`` (the same cache as `evaluate-aova --heads-cache`), trained there first (AOVA heads, then
+    the residual heads: the MRI head only where the setting's test cases are MRI) when it is missing or was trained
+    with another configuration than the defaults; for seen -> unseen on the shipped model, the shipped heads unless
+    that folder exists. The residual heads' pseudo-healthy training images are cached in
+    ``heads_cache/pseudo_healthy``. A cache serves one model: heads trained on another are not detected here."""
+    shipped_model = str(model) == "default"
+    if (setting == "seen-unseen" and shipped_model
+            and (heads_cache is None or not (Path(heads_cache) / setting).is_dir())):
         return DiffuGTSPipeline.from_pretrained()
     if heads_cache is None:
-        raise ValueError(f"setting {setting} needs its own heads: pass --heads-cache DIR, where they are trained once "
-                         "(about 15 min per setting on 2 cores) and reused")
+        needs = "its own heads" if shipped_model else f"heads trained on {model}"
+        raise ValueError(f"setting {setting} needs {needs}: pass --heads-cache DIR, where they are trained once "
+                         "(about 15 min per setting on 2 cores with the shipped model) and reused")
     folder = Path(heads_cache) / setting
     config = HeadsConfig(setting=setting)
-    backbone = load_backbone()
+    backbone = load_backbone(model)
     text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
     heads = train_or_reuse_heads(folder, config, backbone, text_encoder, progress=progress)
     cache = Path(heads_cache) / "pseudo_healthy"
@@ -61,7 +66,7 @@ def setting_pipeline(setting: str, heads_cache: Path | None, *, progress: bool =
     if any(m not in modality_heads or modality_heads[m].config != ResidualConfig() for m in needed):
         for head in train_modality_heads(heads, backbone, text_encoder, cache=cache, progress=progress):
             head.save(folder)
-    return DiffuGTSPipeline.from_pretrained(folder)
+    return DiffuGTSPipeline.from_pretrained(folder, model=model)
 
 
 def evaluated_modalities(setting: str) -> set[str]:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data import phantoms
 from ..aova import conditioning_organs, run_aova
+from ..backbone.registry import foundation_sha256
 from ..detect import find_regions
 from ..data.splits import SEEDS, split_cases
 from ..heads import TrainedHeads
@@ -54,7 +55,8 @@ def train_residual_head(heads: TrainedHeads, backbone, text_encoder, config: Res
                 for case in tqdm(cases, desc="residual data", disable=not progress)]
     head = ResidualHead(config.channels, backbone.spatial_dims)
     _fit_head(head, examples, config, rng, progress)
-    trained = TrainedResidualHead(head.eval(), RefinementThresholds(), config, heads.setting)
+    trained = TrainedResidualHead(head.eval(), RefinementThresholds(), config, heads.setting,
+                                  foundation_sha256=foundation_sha256(backbone))
     validation = [c for c in split_cases(heads.setting, "validation", heads.config, shape) if c.category != "healthy"]
     maps = [_example(heads, backbone, text_encoder, case, config, 0, rng, cache) for case in validation]
     trained.thresholds = choose_refinement_thresholds(
@@ -90,7 +92,8 @@ def train_modality_heads(heads: TrainedHeads, backbone, text_encoder, config: Re
                     for case in tqdm(cases, desc=f"residual data ({modality})", disable=not progress)]
         head = ResidualHead(config.channels, backbone.spatial_dims)
         _fit_head(head, examples, config, rng, progress)
-        result = TrainedResidualHead(head.eval(), RefinementThresholds(), config, heads.setting, modality)
+        result = TrainedResidualHead(head.eval(), RefinementThresholds(), config, heads.setting, modality,
+                                     foundation_sha256(backbone))
         validation_rng = np.random.default_rng(SEEDS["validation"])  # the same validation anomalies for every head
         validation = modality_cases(heads, modality, "validation", config.modality_validation, shape)
         maps = [_example(heads, backbone, text_encoder, case, config, 1, validation_rng, cache) for case in validation]
