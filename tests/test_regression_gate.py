@@ -241,3 +241,24 @@ def test_the_leave_one_out_table_has_a_column_per_held_out_category_and_their_me
     table = format_table(partial)
     assert "| Upper bound | 60.0 | 60.0 | n/a | n/a | n/a | n/a |" in table
     assert "| DiffuGTS | 40.0 | 40.0 | 20.0 | 20.0 | 30.0 | 30.0 |" in table
+
+
+def test_benchmark_cli_runs_a_setting_on_another_model_without_the_upper_bound(tmp_path, monkeypatch, capsys):
+    from diffugts_core.experiments import zero_shot
+
+    loaded = []
+    monkeypatch.setattr(recipes, "setting_pipeline",
+                        lambda setting, cache, *, model, progress: loaded.append((setting, cache, model)) or "pipeline")
+    monkeypatch.setattr(recipes, "specialist_for", lambda category, cache, progress: f"specialist {category}")
+    monkeypatch.setattr(zero_shot, "reusable_results", lambda *args: None)
+    monkeypatch.setattr(zero_shot, "zero_shot_benchmark",
+                        lambda config, pipeline, specialists, progress: {"setting": config.setting,
+                                                                         "specialists": specialists})
+    monkeypatch.setattr(zero_shot, "write_benchmark", lambda results, folder: folder.mkdir(parents=True))
+    monkeypatch.setattr(zero_shot, "format_table", lambda results: f"table of {results['setting']}")
+    monkeypatch.setattr(zero_shot, "add_supervised_upper_bound",
+                        lambda *args, **kwargs: pytest.fail("--no-upper-bound trains no other setting's heads"))
+    assert main(["benchmark", "--setting", "loo-kidney", "--model", str(tmp_path), "--heads-cache",
+                 str(tmp_path / "heads"), "--out", str(tmp_path / "b"), "--no-upper-bound"]) == 0
+    assert loaded == [("loo-kidney", tmp_path / "heads", str(tmp_path))]
+    assert (tmp_path / "b" / "loo-kidney").is_dir() and "table of loo-kidney" in (tmp_path / "b" / "table.md").read_text()
