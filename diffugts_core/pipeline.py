@@ -220,9 +220,8 @@ def check_trained_on(backbone, model, folder: Path, heads: TrainedHeads,
 
     if not (heads.foundation_sha256 or any(head.foundation_sha256 for head in residual_heads)):
         return
-    current = foundation_sha256(backbone)
-    encoder = encoder_part(backbone)
-    if not current:
+    current, encoder = foundation_sha256(backbone), encoder_part(backbone)
+    if not current:  # a model built in memory
         return
     if heads.foundation_sha256.get(encoder, current.get(encoder)) != current.get(encoder):
         raise InputError(f"{folder}: these heads were trained on another foundation model (its {encoder} weights "
