@@ -69,10 +69,25 @@ def test_check_foundation_report_has_every_section():
     liver = report["pseudo_healthy"][0]
     assert liver["organ"] == "liver" and liver["mean_hu"]["input"] == pytest.approx(liver["mean_hu"]["healthy"] - 40)
     assert report["pass"] == all(r["ratio"] <= 0.25 for r in report["pseudo_healthy"])
+    assert all(np.isfinite(r["organ_mean_fill_ratio"]) for r in report["pseudo_healthy"])
     assert report["timings"]["slices"] == 16
     text = format_report(report)
-    for heading in ("VAE reconstruction", "healthy inpainting", "pseudo-healthy", "per-stage times"):
+    for heading in ("VAE reconstruction", "healthy inpainting", "pseudo-healthy", "per-stage times", "organ-mean fill"):
         assert heading in text
+
+
+def test_the_organ_mean_fill_shows_the_structure_hidden_under_a_kidney_tumor():
+    """The test tumor sits at the organ's deepest point: in the liver that is liver, in the kidney the medulla and
+    sinus fat, darker than the cortex around them, so the organ's mean is far from what lies there."""
+    from diffugts_core.experiments.foundation_check import insert_test_tumor, organ_mean_fill_ratio
+    from diffugts_core.inpaint import enlarge_mask
+
+    case = phantoms.generate_case("healthy", 0, 25, (128, 128, 64), region="abdomen")
+    fills = {}
+    for organ in ("liver", "kidney_right"):
+        image, tumor = insert_test_tumor(case, organ)
+        fills[organ] = organ_mean_fill_ratio(case, image, tumor, enlarge_mask(tumor, case.spacing, 5.0), organ)
+    assert fills["liver"] < 0.25 < 1.0 < fills["kidney_right"], fills
 
 
 def test_pseudo_healthy_returns_the_input_outside_the_mask_bit_for_bit():
