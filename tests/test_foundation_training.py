@@ -99,12 +99,12 @@ def test_random_crops_are_windows_of_the_latents_with_sides_the_unet_accepts():
 
 
 def test_tiny_training_writes_a_loadable_model_and_resumes(tmp_path):
-    out = train_foundation(tmp_path / "m", TINY, progress=False, command="test")
+    # bf16 left to the machine (None): used only where the CPU computes it natively, and the card says which
+    out = train_foundation(tmp_path / "m", replace(TINY, bf16=None), progress=False, command="test")
     backbone = DiffusersSliceBackbone.from_pretrained(out, device="cpu")
     assert backbone.scaling_factor != 1.0  # set from the latents' spread
     assert backbone.config.extra["data_cases"][0].startswith("healthy_")
     assert "healthy" in (out / "README.md").read_text()
-    # bf16 left to the machine: used only where the CPU computes it natively, and the card says which
     assert backbone.config.extra["training"]["bf16"] is native_bf16()
     assert f"bf16 autocast: {native_bf16()}." in (out / "README.md").read_text()
     state = json.loads((out / "checkpoints" / "state.json").read_text())
@@ -146,6 +146,12 @@ def test_optimiser_state_round_trips_through_safetensors(tmp_path):
             torch.testing.assert_close(after[key], before[key])
 
 
+def test_the_model_card_says_which_runs_used_bf16():
+    assert foundation.precision_by_run([False, False]) == "False"
+    assert foundation.precision_by_run([None, None, False, False, True]) == \
+        "not recorded in runs 1-2, False in runs 3-4, True in run 5"
+
+
 def test_v2_training_is_resumable_2_5d_and_organ_aware(tmp_path):
     tiny = replace(V2, shape=(32, 32, 16), vae_channels=(16, 16), unet_channels=(16, 32, 32), volumes_per_region=1,
                    validation_volumes_per_region=1, vae_crop=16, vae_steps=4, unet_steps=4, vae_batch=2, unet_batch=2,
@@ -161,6 +167,7 @@ def test_v2_training_is_resumable_2_5d_and_organ_aware(tmp_path):
     state = json.loads((out / "checkpoints" / "state.json").read_text())
     assert state["vae_step"] in (2, 4) and state["unet_step"] in (2, 4)  # at the cap, or earlier at a plateau
     assert len(state["curves"]["vae"]) == state["vae_step"] // 2 and state["commands"] == ["first", "second"]
+    assert state["bf16"] == [False, False]  # by run: a resume may land on another CPU
     backbone = DiffusersSliceBackbone.from_pretrained(out, device="cpu")
     assert backbone.vae.config.in_channels == 3 and backbone.config.context_slices == 1
     assert backbone.latent_downsample == 2 and backbone.organ_channels == vocabulary.CONDITIONING_ORGANS

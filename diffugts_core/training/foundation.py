@@ -247,6 +247,9 @@ def train_foundation(out: str | Path, config: FoundationTrainingConfig = Foundat
                                  cache=checkpoints) if config.validation_volumes_per_region else None
     state = _load_state(checkpoints) if resume else _fresh_state()
     state.setdefault("commands", []).append(command or "train_foundation(...)")
+    precision = state.setdefault("bf16", [])  # by run: a resume may land on a CPU with or without native bf16
+    precision += [None] * (len(state["commands"]) - 1 - len(precision))  # runs from before the record
+    precision.append(config.bf16)
     run = _Run(config, checkpoints, state, time.perf_counter(), device)
 
     if not _phase_done(run, "vae"):
@@ -632,6 +635,21 @@ def save_curves_figure(curves: dict, path: Path) -> Path:
     return path
 
 
+def precision_by_run(bf16: list[bool | None]) -> str:
+    """The bf16 setting of every run, for the model card: one value when all runs agree, else which runs had which."""
+    names = {True: "True", False: "False", None: "not recorded"}
+    groups = []  # [setting, first run, last run] of consecutive runs
+    for run, flag in enumerate(bf16, 1):
+        if groups and groups[-1][0] == flag:
+            groups[-1][2] = run
+        else:
+            groups.append([flag, run, run])
+    if len(groups) == 1:
+        return names[bf16[0]]
+    return ", ".join(f"{names[flag]} in run {first}" if first == last else f"{names[flag]} in runs {first}-{last}"
+                     for flag, first, last in groups)
+
+
 def model_card(config, case_ids, n_slices, state, vae, unet, finished: bool = True) -> str:
     timings, command = state["seconds"], " && ".join(state["commands"])
     seconds = sum(timings.values())
@@ -687,7 +705,7 @@ teaching kit. Not a clinical model; it knows only PhantomBench anatomy.
   "a CT scan of the abdomen showing liver, spleen, kidneys"; {config.caption_dropout:.0%} caption dropout.
 - **Training**: seed {config.seed}; VAE {state['vae_step']} steps x batch {config.vae_batch} (L1 + {config.kl_weight:g}
   KL, AdamW {config.vae_lr:g}); UNet {state['unet_step']} steps x batch {config.unet_batch} (noise MSE, AdamW
-  {config.unet_lr:g}{crops}); learning rate {schedule}{validation}; bf16 autocast: {config.bf16}. {progress}. Took
+  {config.unet_lr:g}{crops}); learning rate {schedule}{validation}; bf16 autocast: {precision_by_run(state.get("bf16") or [config.bf16])}. {progress}. Took
   {seconds / 60:.1f} min on a 2-core CPU (VAE {timings.get('vae', 0) / 60:.1f} min, UNet
   {timings.get('unet', 0) / 60:.1f} min, in all runs below).
 - **Reproduce** (the runs that made it, in order): `{command}`
