@@ -312,3 +312,17 @@ def test_heads_of_another_encoder_are_refused_and_residual_heads_of_another_deno
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_trained_on(backbone, "default", folder, heads, [TrainedResidualHead.load(folder)])
+
+
+def test_the_model_record_hashes_the_components_not_a_training_runs_checkpoints(tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from diffugts_core.backbone.registry import foundation_sha256, verified_model_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(verified_model_path(), folder)
+    before = foundation_sha256(SimpleNamespace(source=folder))
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "unet.safetensors").write_bytes(b"a training run's state, rewritten at every checkpoint")
+    assert foundation_sha256(SimpleNamespace(source=folder)) == before and set(before) == {"unet", "vae"}

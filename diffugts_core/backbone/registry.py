@@ -40,14 +40,15 @@ def sha256_file(path: Path) -> str:
 
 def foundation_sha256(backbone) -> dict[str, str]:
     """sha256 of the weights of a foundation model loaded from a folder, by part: "vae" and "unet" for a diffusers
-    folder, the file names for a MAISI bundle; {} for a model built in memory."""
+    folder (its components' weight files only, not a training run's checkpoints/ beside them), the file names for a
+    MAISI bundle; {} for a model built in memory."""
     files = getattr(backbone, "files", None)  # a MAISI bundle's weight files
     if files is not None:
         return {p.name: sha256_file(p) for p in (files.autoencoder, files.diffusion)}
     source = getattr(backbone, "source", None)
     if source is None:
         return {}
-    return {p.parent.name: sha256_file(p) for p in sorted(Path(source).glob("*/*.safetensors"))}
+    return {p.parent.name: sha256_file(p) for p in sorted(Path(source).glob("*/diffusion_pytorch_model.safetensors"))}
 
 
 def encoder_part(backbone) -> str:
