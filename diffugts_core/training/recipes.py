@@ -44,7 +44,8 @@ def setting_pipeline(setting: str, heads_cache: Path | None, *, model: str | Pat
     the residual heads: the MRI head only where the setting's test cases are MRI) when it is missing or was trained
     with another configuration than the defaults; for seen -> unseen on the shipped model, the shipped heads unless
     that folder exists. The residual heads' pseudo-healthy training images are cached in
-    ``heads_cache/pseudo_healthy``. A cache serves one model: heads trained on another are not detected here."""
+    ``heads_cache/pseudo_healthy``. A cache serves one model: cached heads that record another encoder are refused
+    when the pipeline loads them (``pipeline.check_trained_on``), not retrained here."""
     shipped_model = str(model) == "default"
     if (setting == "seen-unseen" and shipped_model
             and (heads_cache is None or not (Path(heads_cache) / setting).is_dir())):
