@@ -217,6 +217,23 @@ def test_a_cached_residual_head_of_another_configuration_is_trained_again(tmp_pa
     assert trained == ["seen-unseen"] and pipeline.residual.config == ResidualConfig()
 
 
+def test_cached_heads_of_another_encoder_are_refused_before_residual_training(tmp_path, monkeypatch):
+    from diffugts_core.backbone import load_backbone
+    from diffugts_core.backbone.registry import foundation_sha256
+    from diffugts_core.io import InputError
+
+    folder = tmp_path / "heads" / "seen-unseen"
+    shutil.copytree(ROOT / "models" / "aova_heads" / "seen_unseen", folder)
+    (folder / "residual.json").unlink()  # missing: the residual head would be trained next
+    meta = json.loads((folder / "heads.json").read_text())
+    meta["foundation_sha256"] = {**foundation_sha256(load_backbone("default")), "vae": "0" * 64}
+    (folder / "heads.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(recipes, "train_heads", lambda *a, **k: pytest.fail("the cached AOVA heads match the config"))
+    monkeypatch.setattr(recipes, "train_residual_head", lambda *a, **k: pytest.fail("trained on refused heads"))
+    with pytest.raises(InputError, match="trained on another foundation model"):
+        setting_pipeline("seen-unseen", tmp_path / "heads")
+
+
 def test_only_a_setting_with_mri_test_cases_needs_the_mri_head():
     assert evaluated_modalities("ct-mri") == {"MRI"}
     assert evaluated_modalities("seen-unseen") == evaluated_modalities("loo-liver") == {"CT"}

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..backbone import load_backbone
 from ..data.splits import role_categories
 from ..heads import HeadsConfig, TrainedHeads, cached_heads
-from ..pipeline import DiffuGTSPipeline
+from ..pipeline import DiffuGTSPipeline, check_trained_on
 from ..residual import ResidualConfig, TrainedResidualHead, load_modality_heads
 from ..text import TextEncoder
 from ..vocabulary import category_modality
@@ -45,7 +45,7 @@ def setting_pipeline(setting: str, heads_cache: Path | None, *, model: str | Pat
     with another configuration than the defaults; for seen -> unseen on the shipped model, the shipped heads unless
     that folder exists. The residual heads' pseudo-healthy training images are cached in
     ``heads_cache/pseudo_healthy``. A cache serves one model: cached heads that record another encoder are refused
-    when the pipeline loads them (``pipeline.check_trained_on``), not retrained here."""
+    (``pipeline.check_trained_on``) before any residual head is trained on them, not retrained here."""
     shipped_model = str(model) == "default"
     if (setting == "seen-unseen" and shipped_model
             and (heads_cache is None or not (Path(heads_cache) / setting).is_dir())):
@@ -59,6 +59,7 @@ def setting_pipeline(setting: str, heads_cache: Path | None, *, model: str | Pat
     backbone = load_backbone(model)
     text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
     heads = train_or_reuse_heads(folder, config, backbone, text_encoder, progress=progress)
+    check_trained_on(backbone, model, folder, heads)  # before an hour of residual training on them, not after
     cache = Path(heads_cache) / "pseudo_healthy"
     if not (folder / "residual.json").is_file() or TrainedResidualHead.load(folder).config != ResidualConfig():
         train_residual_head(heads, backbone, text_encoder, cache=cache, progress=progress).save(folder)
