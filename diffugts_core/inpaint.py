@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .backbone.base import Conditioning, FrozenBackbone, organ_cover
+from .backbone.base import Conditioning, FrozenBackbone, context_channels, organ_cover
 from .io import InputError, atomic_path
 from .preprocess import PREPROCESS_VERSION
 
@@ -80,9 +80,15 @@ def inpaint_slices(backbone: FrozenBackbone, x: torch.Tensor, mask: torch.Tensor
     results = x.unsqueeze(0).repeat(config.samples, 1, 1, 1, 1)
     if not todo:
         return results
-    z_known = torch.cat([backbone.encode(x[todo[i:i + config.batch_size]])
-                         for i in range(0, len(todo), config.batch_size)])
-    cells = latent_mask(mask[todo], backbone.latent_downsample).to(z_known.device)
+    offsets = getattr(backbone, "denoiser_context", ())
+    # the slices to encode: those to inpaint and, for a through-plane denoiser, the neighbours it sees
+    encoded = sorted(set(todo) | {k + o for k in todo for o in offsets if 0 <= k + o < len(x)})
+    position = {k: i for i, k in enumerate(encoded)}
+    z_encoded = torch.cat([backbone.encode(x[encoded[i:i + config.batch_size]])
+                           for i in range(0, len(encoded), config.batch_size)])
+    cells_encoded = latent_mask(mask[encoded], backbone.latent_downsample).to(z_encoded.device)
+    rows_todo = [position[k] for k in todo]
+    z_known, cells = z_encoded[rows_todo], cells_encoded[rows_todo]
     full = (slice(None), slice(None))
     multiple = backbone.denoiser_multiple  # what the denoiser's down-sampling needs
     quantum = min(-(-config.window_multiple // multiple) * multiple, *cells.shape[-2:])
@@ -101,9 +107,15 @@ def inpaint_slices(backbone: FrozenBackbone, x: torch.Tensor, mask: torch.Tensor
         for batch in tqdm(batches, desc=f"inpaint {sample + 1}/{config.samples}", disable=not progress):
             z0 = torch.stack([z_known[j, :, rows, cols] for j, (rows, cols) in batch])
             m = torch.stack([cells[j, :, rows, cols] for j, (rows, cols) in batch])
+            extra = {}
             if organ_maps is not None:
-                maps = torch.stack([organ_maps[todo[j], :, rows, cols] for j, (rows, cols) in batch])
-                cond, uncond = (None if c is None else replace(c, organs=maps) for c in (cond, uncond))
+                extra["organs"] = torch.stack([organ_maps[todo[j], :, rows, cols] for j, (rows, cols) in batch])
+            if offsets:
+                latents, unknown = zip(*(_neighbours(z_encoded, cells_encoded, position, todo[j] + np.array(offsets),
+                                                     rows, cols) for j, (rows, cols) in batch))
+                extra["context"] = context_channels(torch.stack(latents), torch.stack(unknown))
+            if extra:
+                cond, uncond = (None if c is None else replace(c, **extra) for c in (cond, uncond))
             denoised = _denoise(backbone, scheduler, z0, m, cond, uncond, config, generator, on_step)
             for k, (j, (rows, cols)) in enumerate(batch):  # only the masked cells: windows of one slice may overlap
                 z[j, :, rows, cols] = torch.where(m[k].bool(), denoised[k], z[j, :, rows, cols])
@@ -111,6 +123,17 @@ def inpaint_slices(backbone: FrozenBackbone, x: torch.Tensor, mask: torch.Tensor
         pixel = mask[todo].to(decoded.dtype).expand_as(decoded)
         results[sample, todo] = pixel * decoded.cpu() + (1 - pixel) * x[todo]
     return results
+
+
+def _neighbours(z: torch.Tensor, cells: torch.Tensor, position: dict[int, int], slices, rows: slice, cols: slice):
+    """The encoded latents (O, C, h, w) of ``slices`` in a window and their unknown cells (O, h, w): a slice outside
+    the volume is all unknown, as in training."""
+    latents = z.new_zeros(len(slices), *z[0, :, rows, cols].shape)
+    unknown = cells.new_ones(len(slices), *latents.shape[-2:])
+    for i, k in enumerate(slices):
+        if int(k) in position:
+            latents[i], unknown[i] = z[position[int(k)], :, rows, cols], cells[position[int(k)], 0, rows, cols]
+    return latents, unknown
 
 
 def lesion_windows(cells: torch.Tensor, context: int, quantum: int) -> list[tuple[slice, slice]]:
@@ -176,7 +199,8 @@ def _guided_noise(backbone, z, t, cond, uncond, scale):
     tokens = torch.cat([uncond.tokens, cond.tokens])
     masks = None if cond.attention_mask is None else torch.cat([uncond.attention_mask, cond.attention_mask])
     organs = None if cond.organs is None else torch.cat([uncond.organs, cond.organs])
-    eps_uncond, eps_cond = backbone.denoise(torch.cat([z, z]), t, Conditioning(tokens, masks, organs)).chunk(2)
+    context = None if cond.context is None else torch.cat([uncond.context, cond.context])
+    eps_uncond, eps_cond = backbone.denoise(torch.cat([z, z]), t, Conditioning(tokens, masks, organs, context)).chunk(2)
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 

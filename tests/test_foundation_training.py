@@ -211,3 +211,78 @@ def test_shipped_model_saw_no_tumor():
     from diffugts_core.data.splits import SEEDS
 
     assert config["extra"]["training"]["data_seed"] not in SEEDS.values()
+
+
+def test_neighbour_latents_and_training_holes_mark_what_a_through_plane_denoiser_cannot_see():
+    data = healthy_volumes(TINY, SliceBackboneConfig(slice_shape=(32, 32)), progress=False)
+    latents = torch.randn(len(data), 4, 8, 8)
+    neighbours = foundation.NeighbourLatents(data, latents, (-1, 2))
+    first = int(torch.nonzero(data.index[:, 1] == data.index[0, 1])[0])  # the first slice with body of volume 0
+    got, unknown = neighbours(torch.tensor([first]))
+    volume, k = data.index[first].tolist()
+    assert unknown[0, 0].all() and not got[0, 0].any()  # the slice before it has no latent kept (or no slice)
+    row = int(torch.nonzero((data.index[:, 0] == volume) & (data.index[:, 1] == k + 2))[0])
+    assert torch.equal(got[0, 1], latents[row]) and not unknown[0, 1].any()
+    config = replace(V2, shape=(32, 32, 16), context_dropout=0.0, context_holes=1.0, hole_radius_cells=(3.0, 3.0))
+    generator = torch.Generator().manual_seed(0)
+    organs = torch.zeros(16, 7, 16, 16)
+    organs[:, 2, 2:5, 3:6] = 1.0  # the holes are centred in an organ
+    holes = foundation.context_holes(torch.zeros(16, 2, 16, 16), (-1, 1), config, generator, organs)
+    assert holes.flatten(1).any(1).all()  # every hole reaches a neighbour at most one slice away
+    marked = holes.amax(1)  # and lies within its radius (3 cells, and the half cell any cover marks) of the organ
+    assert marked[:, 2:5, 3:6].amax((1, 2)).eq(1).all() and not marked[:, 8:].any() and not marked[:, :, 9:].any()
+    assert foundation.context_holes(torch.zeros(4, 2, 8, 8), (-1, 1), replace(config, context_dropout=1.0),
+                                    generator).eq(1).all()
+    assert not foundation.context_holes(torch.zeros(4, 2, 8, 8), (-1, 1), replace(config, context_holes=0.0),
+                                        generator).any()
+
+
+def test_v3_starts_from_a_finished_model_and_inpaints_with_the_neighbouring_slices(tmp_path):
+    from diffugts_core import inpaint
+    from diffugts_core.backbone.base import Conditioning
+    from diffugts_core.inpaint import InpaintConfig
+
+    tiny = replace(V2, shape=(32, 32, 16), vae_channels=(16, 16), unet_channels=(16, 32, 32), volumes_per_region=1,
+                   validation_volumes_per_region=1, vae_crop=16, vae_steps=2, unet_steps=2, vae_batch=2, unet_batch=2,
+                   checkpoint_every=2, bf16=False)
+    source = train_foundation(tmp_path / "v2", tiny, progress=False, command="v2")
+    v3 = replace(tiny, denoiser_context=(-2, 2), init_from=str(source))
+    # before any step the new channels are at zero: the source's predictions, whatever the neighbours hold
+    vae, unet, *_ = foundation.build_models(v3, 384)
+    (tmp_path / "ck").mkdir()
+    record = foundation._init_from(source, vae, unet, tmp_path / "ck")
+    original = DiffusersSliceBackbone.from_pretrained(source, device="cpu")
+    z, organs, tokens = torch.randn(2, 4, 16, 16), torch.rand(2, 7, 16, 16), torch.randn(2, 3, 384)
+    with torch.no_grad():
+        started = unet(torch.cat([z, organs, torch.randn(2, 10, 16, 16)], 1), 500, encoder_hidden_states=tokens).sample
+        expected = original.unet(torch.cat([z, organs], 1), 500, encoder_hidden_states=tokens).sample
+    assert torch.allclose(started, expected, atol=1e-5) and len(record["unet"]) == 64
+    out = train_foundation(tmp_path / "v3", v3, progress=False, command="v3")
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert state["init_from"]["model"] == str(source) and state["vae_step"] == 0 and state["unet_step"] == 2
+    assert not state["curves"]["vae"] and state["curves"]["unet"][-1]["validation"] > 0
+    backbone = DiffusersSliceBackbone.from_pretrained(out, device="cpu")
+    assert backbone.denoiser_context == (-2, 2) and backbone.unet.config.in_channels == 4 + 7 + 2 * 5
+    assert all(torch.equal(a, b) for a, b in zip(backbone.vae.state_dict().values(),
+                                                 original.vae.state_dict().values()))  # v2's VAE, as it was
+    assert "offsets -2, +2" in (out / "README.md").read_text()
+    # inpainting hands the denoiser each slice's neighbours: known latents outside the mask, unknown inside it and
+    # past the volume's ends
+    x = torch.rand(16, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(16, 1, 32, 32)
+    mask[3:6, :, 8:16, 8:16] = 1
+    mask[15, :, 8:16, 8:16] = 1
+    seen = []
+    denoise = backbone.denoise
+    backbone.denoise = lambda z_t, t, cond: seen.append(cond.context) or denoise(z_t, t, cond)
+    result = inpaint.inpaint_slices(backbone, x, mask, Conditioning(torch.randn(1, 3, 384)),
+                                    config=InpaintConfig(steps=2, batch_size=8), organ_maps=torch.zeros(16, 7, 16, 16))
+    context = seen[0]
+    assert context.shape == (4, 2 * 5, 16, 16)  # slices 3, 4, 5, 15; latents of k - 2 and k + 2, then their masks
+    known = backbone.encode(x[[1, 7]])
+    assert torch.allclose(context[0, :4], known[0]) and not context[0, 8].any()  # slice 3 sees slice 1 whole ...
+    assert context[0, 9, 4:8, 4:8].eq(1).all() and context[0, 9].sum() == 16  # ... and slice 5 but its masked cells
+    assert not context[0, 4:8, 4:8, 4:8].any() and context[0, 4:8, :4].abs().sum() > 0
+    assert torch.allclose(context[2, 4:8], known[1]) and not context[2, 9].any()  # slice 5 sees slice 7 whole
+    assert context[3, 9].eq(1).all() and not context[3, 4:8].any()  # slice 17 is past the volume's end: unknown
+    assert torch.equal(result[0, 6:15], x[6:15]) and not torch.equal(result[0, 3:6], x[3:6])

@@ -28,6 +28,7 @@ class FrozenBackbone(Protocol):
     scaling_factor: float  # latents are scaled by this before diffusion (as in Stable Diffusion)
     text_conditioned: bool
     organ_channels: tuple[str, ...]  # the organs an organ-aware denoiser takes a map of (empty: none)
+    denoiser_context: tuple[int, ...]  # slice offsets a through-plane denoiser sees the known latents of
     scheduler: object  # a diffusers scheduler with set_timesteps / step / add_noise
     device: torch.device
 
@@ -50,6 +51,9 @@ class Conditioning:
     attention_mask: torch.Tensor | None = None
     # for an organ-aware denoiser: (B, organs, x, y) cover fractions of its organs at the latent grid (None: no map)
     organs: torch.Tensor | None = None
+    # for a through-plane denoiser: (B, offsets x (latent + 1), x, y), the known latents of its neighbouring slices and
+    # where they are unknown (``context_channels``; None: nothing known)
+    context: torch.Tensor | None = None
 
     def expand(self, batch: int) -> "Conditioning":
         if self.tokens is None or self.tokens.shape[0] == batch:
@@ -57,7 +61,15 @@ class Conditioning:
         if self.tokens.shape[0] != 1:
             raise ValueError(f"conditioning batch {self.tokens.shape[0]} cannot broadcast to {batch}")
         mask = None if self.attention_mask is None else self.attention_mask.expand(batch, -1)
-        return Conditioning(self.tokens.expand(batch, -1, -1), mask, self.organs)
+        return Conditioning(self.tokens.expand(batch, -1, -1), mask, self.organs, self.context)
+
+
+def context_channels(latents: torch.Tensor, unknown: torch.Tensor) -> torch.Tensor:
+    """(B, O, C, x, y) latents of O neighbouring slices and (B, O, x, y) their unknown cells (1: to be generated, or
+    no such slice) -> (B, O x (C + 1), x, y), what a through-plane denoiser takes beside z_t: the known latents (0
+    where unknown), then the unknown masks. Training and inpainting build it alike here."""
+    unknown = unknown.to(latents.dtype)
+    return torch.cat([(latents * (1 - unknown[:, :, None])).flatten(1, 2), unknown], 1)
 
 
 def organ_cover(index_slices: torch.Tensor, channels: int, downsample: int) -> torch.Tensor:

@@ -20,7 +20,8 @@ import torch
 
 from ..io import InputError, write_text_atomic
 from ..runtime import hub_unreachable_message, locate_pretrained, resolve_device
-from .base import Conditioning, IntensityMap, block_outputs, ct_intensity_map, mri_intensity_map
+from .base import (Conditioning, IntensityMap, block_outputs, context_channels, ct_intensity_map,
+                   mri_intensity_map)
 
 BACKBONE_CONFIG = "diffugts_backbone.json"
 
@@ -36,12 +37,15 @@ class SliceBackboneConfig:
     max_length: int = 24
     # the organs whose map (cover fractions at the latent grid) an organ-aware UNet takes as extra input channels
     organ_channels: tuple[str, ...] = ()
+    # slice offsets whose known latents (and unknown masks) a through-plane UNet takes as extra input channels, so that
+    # it inpaints a slice from the structure running on above and below the lesion (empty: each slice on its own)
+    denoiser_context: tuple[int, ...] = ()
     extra: dict = field(default_factory=dict)  # provenance written by training
 
     @classmethod
     def from_json(cls, text: str) -> "SliceBackboneConfig":
         data = json.loads(text)
-        for key in ("slice_shape", "ct_knots_hu", "ct_values", "organ_channels"):
+        for key in ("slice_shape", "ct_knots_hu", "ct_values", "organ_channels", "denoiser_context"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -112,6 +116,11 @@ class DiffusersSliceBackbone:
     def organ_channels(self) -> tuple[str, ...]:
         """The organs an organ-aware denoiser takes a map of (empty for a denoiser without one)."""
         return self.config.organ_channels
+
+    @property
+    def denoiser_context(self) -> tuple[int, ...]:
+        """The slice offsets a through-plane denoiser sees the known latents of (empty for one without)."""
+        return self.config.denoiser_context
 
     @property
     def denoiser_multiple(self) -> int:
@@ -187,7 +196,8 @@ class DiffusersSliceBackbone:
         cond = cond.expand(z_t.shape[0])
         mask = None if cond.attention_mask is None else cond.attention_mask.to(self.device)
         z_t = z_t.to(self.device)
-        organ_channels = self.unet.config.in_channels - self.latent_channels
+        offsets = len(self.denoiser_context)
+        organ_channels = self.unet.config.in_channels - self.latent_channels * (1 + offsets) - offsets
         if organ_channels:  # an organ-aware UNet: its map as extra channels (an empty map when none is known)
             organs = cond.organs if cond.organs is not None else \
                 torch.zeros(z_t.shape[0], organ_channels, *z_t.shape[2:])
@@ -195,4 +205,12 @@ class DiffusersSliceBackbone:
                 raise ValueError(f"organ map of shape {tuple(organs.shape)} for latents {tuple(z_t.shape)}; the "
                                  f"denoiser takes {organ_channels} organ channels on the latent grid")
             z_t = torch.cat([z_t, organs.to(self.device, z_t.dtype)], 1)
+        if offsets:  # a through-plane UNet: the neighbouring slices' known latents (none known when not given)
+            batch, _, *grid = z_t.shape
+            context = cond.context if cond.context is not None else context_channels(
+                torch.zeros(batch, offsets, self.latent_channels, *grid), torch.ones(batch, offsets, *grid))
+            if tuple(context.shape) != (batch, offsets * (self.latent_channels + 1), *grid):
+                raise ValueError(f"context of shape {tuple(context.shape)} for latents {(batch, *grid)}; the denoiser "
+                                 f"takes {offsets} neighbouring slices' latents and masks on the latent grid")
+            z_t = torch.cat([z_t, context.to(self.device, z_t.dtype)], 1)
         return self.unet(z_t, t, encoder_hidden_states=cond.tokens.to(self.device), encoder_attention_mask=mask).sample

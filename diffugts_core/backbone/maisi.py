@@ -147,6 +147,7 @@ class MaisiBackbone:
     spatial_dims = 3
     text_conditioned = False
     organ_channels: tuple[str, ...] = ()  # MAISI's organ masks go to its ControlNet, which the kit does not load
+    denoiser_context: tuple[int, ...] = ()  # 3D: its denoiser sees the slices above and below anyway
 
     def __init__(self, autoencoder: AutoencoderKlMaisi, unet: DiffusionModelUNetMaisi, scheduler, scale_factor: float,
                  *, device="auto"):

