@@ -257,6 +257,17 @@ def test_v3_starts_from_a_finished_model_and_inpaints_with_the_neighbouring_slic
         started = unet(torch.cat([z, organs, torch.randn(2, 10, 16, 16)], 1), 500, encoder_hidden_states=tokens).sample
         expected = original.unet(torch.cat([z, organs], 1), 500, encoder_hidden_states=tokens).sample
     assert torch.allclose(started, expected, atol=1e-5) and len(record["unet"]) == 64
+    # so its held-out loss starts at the source's: the same noise and steps, the context drawn after them
+    validation = healthy_volumes(tiny, original.config, seed=tiny.validation_seed, per_region=1, progress=False,
+                                 cache=source / "checkpoints")
+    with torch.no_grad():
+        every = original.vae.encode(validation.stacks(torch.arange(len(validation)), 1)).latent_dist.mean
+    scheduler = foundation.build_models(tiny, 384)[2]
+    pick = foundation._validation_pick(validation)
+    with_context = foundation.HeldOutNoiseLoss(validation, every, scheduler, 2, "cpu", config=v3)
+    without = foundation.HeldOutNoiseLoss(validation, every[pick], scheduler, 2, "cpu")
+    assert with_context.context.shape == (len(pick), 10, 16, 16) and with_context.context[:, 8:].any()
+    assert with_context(unet) == pytest.approx(without(original.unet), abs=1e-6)
     out = train_foundation(tmp_path / "v3", v3, progress=False, command="v3")
     state = json.loads((out / "checkpoints" / "state.json").read_text())
     assert state["init_from"]["model"] == str(source) and state["vae_step"] == 0 and state["unet_step"] == 2

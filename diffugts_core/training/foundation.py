@@ -476,19 +476,21 @@ class HeldOutNoiseLoss:
                  config: FoundationTrainingConfig | None = None):
         pick = _validation_pick(validation)
         fixed = torch.Generator().manual_seed(seed)
-        self.context = None
+        neighbours = None
         if config is not None and config.denoiser_context:  # every validation slice's latent, for the neighbours
             neighbours = NeighbourLatents(validation, validation_latents, config.denoiser_context)
-            latents, unknown = neighbours(pick)
-            maps = None if organ_downsample is None else validation.organ_maps(pick, organ_downsample)
-            holes = context_holes(unknown, config.denoiser_context, config, fixed, maps)
-            self.context = context_channels(latents, holes).to(device)
             validation_latents = validation_latents[pick]
         self.noise = torch.randn(validation_latents.shape, generator=fixed)
         self.steps = torch.linspace(0, scheduler.config.num_train_timesteps - 1, len(pick)).long()
         self.z_t = scheduler.add_noise(validation_latents, self.noise, self.steps).to(device)
         self.noise, self.steps = self.noise.to(device), self.steps.to(device)
-        self.maps = None if organ_downsample is None else validation.organ_maps(pick, organ_downsample).to(device)
+        maps = None if organ_downsample is None else validation.organ_maps(pick, organ_downsample)
+        self.maps = None if maps is None else maps.to(device)
+        self.context = None
+        if neighbours is not None:  # drawn after the noise: the same noise and steps as without context, comparable
+            latents, unknown = neighbours(pick)
+            holes = context_holes(unknown, config.denoiser_context, config, fixed, maps)
+            self.context = context_channels(latents.cpu(), holes).to(device)
         held_out = TextEncoder.from_pretrained(device="cpu").encode([validation.captions[i] for i in pick])
         self.tokens, self.mask = held_out.tokens.to(device), held_out.attention_mask.to(device)
         self.parts = torch.arange(len(pick)).split(batch)
