@@ -19,7 +19,8 @@ def add_train_foundation(subparsers) -> None:
         "Checkpoints (weights and optimiser, safetensors) at regular steps; --resume continues from them. "
         "--recipe v2: 5 mm latent cells, neighbouring slices as VAE channels, an organ-aware UNet, 300 "
         "volumes, trained until the validation losses flatten (--max-minutes splits it into runs). --recipe v3: v2's "
-        "VAE, and its UNet fine-tuned to see the known latents of slices above and below (through-plane context); run "
+        "VAE, and its UNet fine-tuned to see the known latents of its slice and of slices above and below (through-plane "
+        "context); run "
         "from the repository root, where models/phantom_foundation_v2 is.")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
     parser.add_argument("--recipe", choices=("v1", "v2", "v3"), default="v1",

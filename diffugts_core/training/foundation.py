@@ -111,9 +111,10 @@ V2 = FoundationTrainingConfig(volumes_per_region=100, vae_channels=(32, 64), con
                               schedule="plateau")
 # phantom-foundation v3: v2 with through-plane context in the denoiser. v2's UNet inpaints each slice's latent on its
 # own and cannot see the kidney's medulla or the pancreatic duct run on above and below a tumor (findings section 3a);
-# this one also sees the known latents 2, 4 and 6 slices (8-24 mm) up and down, past a 12 mm tumor and its margin. It
-# keeps v2's VAE, so v2's AOVA heads serve it, and starts from v2's UNet (the new channels at zero)
-V3 = replace(V2, denoiser_context=(-6, -4, -2, 2, 4, 6), init_from="models/phantom_foundation_v2", unet_lr=2.5e-4)
+# this one also sees the known latents of its own slice (as diffusers' inpainting UNets see the masked image) and of
+# the slices 2, 4 and 6 (8-24 mm) up and down, past a 12 mm tumor and its margin. It keeps v2's VAE, so v2's AOVA heads
+# serve it, and starts from v2's UNet (the new channels at zero)
+V3 = replace(V2, denoiser_context=(-6, -4, -2, 0, 2, 4, 6), init_from="models/phantom_foundation_v2", unet_lr=2.5e-4)
 RECIPES = {"v1": FoundationTrainingConfig(), "v2": V2, "v3": V3}
 
 
