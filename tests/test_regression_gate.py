@@ -211,6 +211,9 @@ def test_a_cached_residual_head_of_another_configuration_is_trained_again(tmp_pa
     setting_pipeline("seen-unseen", tmp_path / "heads")
     assert trained == []  # trained with the defaults: reused (and no MRI head for a CT-only benchmark)
     meta = json.loads((folder / "residual.json").read_text())
+    meta["config"]["organ_reach"] = True  # the heads' own choice (train-heads --organ-reach): kept
+    (folder / "residual.json").write_text(json.dumps(meta))
+    assert setting_pipeline("seen-unseen", tmp_path / "heads").residual.config.organ_reach and trained == []
     meta["config"]["steps"] += 1
     (folder / "residual.json").write_text(json.dumps(meta))
     pipeline = setting_pipeline("seen-unseen", tmp_path / "heads")

@@ -3,6 +3,7 @@ folder and reused while their configuration holds."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..backbone import load_backbone
@@ -61,14 +62,20 @@ def setting_pipeline(setting: str, heads_cache: Path | None, *, model: str | Pat
     heads = train_or_reuse_heads(folder, config, backbone, text_encoder, progress=progress)
     check_trained_on(backbone, model, folder, heads)  # before an hour of residual training on them, not after
     cache = Path(heads_cache) / "pseudo_healthy"
-    if not (folder / "residual.json").is_file() or TrainedResidualHead.load(folder).config != ResidualConfig():
+    if not (folder / "residual.json").is_file() or stale(TrainedResidualHead.load(folder)):
         train_residual_head(heads, backbone, text_encoder, cache=cache, progress=progress).save(folder)
     needed = set(modality_regions(heads)) & evaluated_modalities(setting)  # MRI for ct-mri; none for the CT settings
     modality_heads = load_modality_heads(folder)
-    if any(m not in modality_heads or modality_heads[m].config != ResidualConfig() for m in needed):
+    if any(m not in modality_heads or stale(modality_heads[m]) for m in needed):
         for head in train_modality_heads(heads, backbone, text_encoder, cache=cache, progress=progress):
             head.save(folder)
     return DiffuGTSPipeline.from_pretrained(folder, model=model)
+
+
+def stale(residual_head: TrainedResidualHead) -> bool:
+    """Whether a cached residual head was trained with another configuration than the defaults; the refinement reach
+    is the heads' own choice (`train-heads --organ-reach`, chosen on validation), not a sign of staleness."""
+    return residual_head.config != replace(ResidualConfig(), organ_reach=residual_head.config.organ_reach)
 
 
 def evaluated_modalities(setting: str) -> set[str]:
