@@ -297,3 +297,18 @@ def test_v3_starts_from_a_finished_model_and_inpaints_with_the_neighbouring_slic
     assert torch.allclose(context[2, 4:8], known[1]) and not context[2, 9].any()  # slice 5 sees slice 7 whole
     assert context[3, 9].eq(1).all() and not context[3, 4:8].any()  # slice 17 is past the volume's end: unknown
     assert torch.equal(result[0, 6:15], x[6:15]) and not torch.equal(result[0, 3:6], x[3:6])
+
+
+def test_a_denoiser_that_sees_its_own_slice_is_scored_as_much_where_it_generates_as_elsewhere():
+    from diffugts_core.backbone.base import context_channels
+
+    unknown = torch.zeros(2, 3, 8, 8)
+    unknown[:, 1, 2:4, 2:4] = 1  # the slice's own hole (offset 0)
+    unknown[:, 0] = 1  # a neighbour wholly unknown
+    context = context_channels(torch.randn(2, 3, 4, 8, 8), unknown)
+    generated = foundation.generated_cells(context, (-2, 0, 2))
+    assert torch.equal(generated, unknown[:, 1]) and foundation.generated_cells(context, (-2, 2)) is None
+    noise = torch.randn(2, 4, 8, 8)
+    predicted = noise + 2 * generated[:, None]  # wrong only where it generates: 4 of 64 cells
+    assert foundation.inpainting_loss(predicted, noise, None) == pytest.approx(4 * 4 / 64)
+    assert foundation.inpainting_loss(predicted, noise, generated) == pytest.approx(4 / 2)  # half the weight: the hole

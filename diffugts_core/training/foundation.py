@@ -420,6 +420,25 @@ def _denoiser_input(z_t: torch.Tensor, organ_maps: torch.Tensor | None, context:
     return torch.cat([z_t, *(x for x in (organ_maps, context) if x is not None)], 1)
 
 
+def generated_cells(context: torch.Tensor | None, offsets) -> torch.Tensor | None:
+    """(B, h, w) the cells a denoiser that sees its own slice's known latents (offset 0 in its context) must generate:
+    that slice's unknown mask, the last channels of the context (None without offset 0: every cell is generated)."""
+    if context is None or 0 not in offsets:
+        return None
+    return context[:, context.shape[1] - len(offsets) + list(offsets).index(0)]
+
+
+def inpainting_loss(predicted: torch.Tensor, noise: torch.Tensor, generated: torch.Tensor | None) -> torch.Tensor:
+    """Noise MSE; where the denoiser sees its own slice's known latents, the cells it generates weigh as much as the
+    rest: elsewhere the noise follows from the known latents, a shortcut that would swamp the loss (v3's first run
+    learned to copy its context and filled the holes with the empty latent: findings section 3e)."""
+    if generated is None:
+        return torch.nn.functional.mse_loss(predicted.float(), noise)
+    error = (predicted.float() - noise).square().mean(1)  # (B, h, w)
+    parts = [(error * weight).sum() / weight.sum() for weight in (generated, 1 - generated) if weight.sum() > 0]
+    return sum(parts) / len(parts)
+
+
 class NeighbourLatents:
     """The latents of each sample's neighbouring slices at ``offsets`` (through-plane context), by volume and slice: a
     neighbour outside the volume, or without body in view (no latent kept), is all unknown."""
@@ -468,7 +487,8 @@ def context_holes(unknown: torch.Tensor, offsets, config: FoundationTrainingConf
 
 class HeldOutNoiseLoss:
     """The UNet's noise MSE on held-out healthy slices, with noise and timesteps fixed once (spread over the schedule),
-    so that the curve moves only with the weights; ``organ_downsample``: the latent cell, for an organ-aware UNet.
+    so that the curve moves only with the weights; ``organ_downsample``: the latent cell, for an organ-aware UNet. For a
+    denoiser that sees its own slice's known latents, the MSE in the cells it generates (elsewhere it is trivial).
     Its own object: a closure inside the training loop would read the loop's rebound names (the last training batch)
     instead of these."""
 
@@ -477,7 +497,7 @@ class HeldOutNoiseLoss:
                  config: FoundationTrainingConfig | None = None):
         pick = _validation_pick(validation)
         fixed = torch.Generator().manual_seed(seed)
-        neighbours = None
+        neighbours, self.offsets = None, () if config is None else config.denoiser_context
         if config is not None and config.denoiser_context:  # every validation slice's latent, for the neighbours
             neighbours = NeighbourLatents(validation, validation_latents, config.denoiser_context)
             validation_latents = validation_latents[pick]
@@ -505,7 +525,10 @@ class HeldOutNoiseLoss:
                                     self.steps[part], encoder_hidden_states=self.tokens[part],
                                     encoder_attention_mask=self.mask[part]).sample for part in self.parts])
         unet.train(was_training)
-        return float(torch.nn.functional.mse_loss(predicted, self.noise))
+        generated = generated_cells(self.context, self.offsets)  # only where it generates: what inpainting uses
+        if generated is None:
+            return float(torch.nn.functional.mse_loss(predicted, self.noise))
+        return float((predicted - self.noise).square().mean(1)[generated.bool()].mean())
 
 
 def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, validation: HealthyVolumes | None,
@@ -562,7 +585,7 @@ def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, 
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             predicted = unet(_denoiser_input(z_t, organ_maps, context), t, encoder_hidden_states=cond.tokens,
                              encoder_attention_mask=cond.attention_mask).sample
-        loss = torch.nn.functional.mse_loss(predicted.float(), noise)
+        loss = inpainting_loss(predicted, noise, generated_cells(context, config.denoiser_context))
         losses.append(loss.item())
         bar.set_postfix(mse=f"{losses[-1]:.4f}")
         if _step(unet, optimizer, loss, step, config.unet_steps, "unet", run, losses, validation_loss):
