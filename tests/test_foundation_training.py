@@ -312,3 +312,6 @@ def test_a_denoiser_that_sees_its_own_slice_is_scored_as_much_where_it_generates
     predicted = noise + 2 * generated[:, None]  # wrong only where it generates: 4 of 64 cells
     assert foundation.inpainting_loss(predicted, noise, None) == pytest.approx(4 * 4 / 64)
     assert foundation.inpainting_loss(predicted, noise, generated) == pytest.approx(4 / 2)  # half the weight: the hole
+    generated[1] = 1  # a sample that sees no context: its whole slice is its hole, and it counts as one sample
+    predicted = noise + 2 * generated[:, None] * torch.tensor([1.0, 0.0])[:, None, None, None]
+    assert foundation.inpainting_loss(predicted, noise, generated) == pytest.approx((4 / 2 + 0) / 2)

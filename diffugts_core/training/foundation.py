@@ -435,6 +435,12 @@ def inpainting_loss(predicted: torch.Tensor, noise: torch.Tensor, generated: tor
     if generated is None:
         return torch.nn.functional.mse_loss(predicted.float(), noise)
     error = (predicted.float() - noise).square().mean(1)  # (B, h, w)
+    return torch.stack([_balanced(e, g) for e, g in zip(error, generated)]).mean()
+
+
+def _balanced(error: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """One sample's MSE in the cells it generates and in the others, half each (per sample: pooled over a batch, the
+    samples that see no context at all would outweigh every hole)."""
     parts = [(error * weight).sum() / weight.sum() for weight in (generated, 1 - generated) if weight.sum() > 0]
     return sum(parts) / len(parts)
 
@@ -488,7 +494,8 @@ def context_holes(unknown: torch.Tensor, offsets, config: FoundationTrainingConf
 class HeldOutNoiseLoss:
     """The UNet's noise MSE on held-out healthy slices, with noise and timesteps fixed once (spread over the schedule),
     so that the curve moves only with the weights; ``organ_downsample``: the latent cell, for an organ-aware UNet. For a
-    denoiser that sees its own slice's known latents, the MSE in the cells it generates (elsewhere it is trivial).
+    denoiser that sees its own slice's known latents, the MSE inside the holes of the slices with a hole and known
+    cells around it (elsewhere the noise follows from the known latents), averaged over those slices.
     Its own object: a closure inside the training loop would read the loop's rebound names (the last training batch)
     instead of these."""
 
@@ -525,10 +532,13 @@ class HeldOutNoiseLoss:
                                     self.steps[part], encoder_hidden_states=self.tokens[part],
                                     encoder_attention_mask=self.mask[part]).sample for part in self.parts])
         unet.train(was_training)
-        generated = generated_cells(self.context, self.offsets)  # only where it generates: what inpainting uses
+        generated = generated_cells(self.context, self.offsets)
         if generated is None:
             return float(torch.nn.functional.mse_loss(predicted, self.noise))
-        return float((predicted - self.noise).square().mean(1)[generated.bool()].mean())
+        # inpainting: each slice with a hole and known cells around it, scored in its hole
+        error, holes = (predicted - self.noise).square().mean(1), generated.bool()
+        partial = [e[h].mean() for e, h in zip(error, holes) if h.any() and not h.all()]
+        return float(torch.stack(partial).mean())
 
 
 def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, validation: HealthyVolumes | None,
