@@ -19,9 +19,8 @@ def add_train_foundation(subparsers) -> None:
         "Checkpoints (weights and optimiser, safetensors) at regular steps; --resume continues from them. "
         "--recipe v2: 5 mm latent cells, neighbouring slices as VAE channels, an organ-aware UNet, 300 "
         "volumes, trained until the validation losses flatten (--max-minutes splits it into runs). --recipe v3: v2's "
-        "VAE, and its UNet fine-tuned to see the known latents of its slice and of slices above and below (through-plane "
-        "context); run "
-        "from the repository root, where models/phantom_foundation_v2 is.")
+        "VAE, and its UNet fine-tuned to see the known latents of its slice and of slices above and below "
+        "(through-plane context); run it from the repository root, where models/phantom_foundation_v2 is.")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
     parser.add_argument("--recipe", choices=("v1", "v2", "v3"), default="v1",
                         help="architecture and data: v1 (the shipped model), v2 or v3 (default v1)")
@@ -58,7 +57,8 @@ def _run_train_foundation(args) -> int:
         raise InputError(f"--max-minutes must be positive, got {args.max_minutes}")
     config = replace(recipe, unet_steps=steps, vae_steps=vae_steps, seed=args.seed, data_seed=args.data_seed,
                      volumes_per_region=volumes, crop_fraction=args.crop_fraction, max_minutes=args.max_minutes)
-    command = f"diffugts train-foundation --out {args.out}" + (f" --recipe {args.recipe}" if args.recipe != "v1" else "") + \
+    recipe_flag = f" --recipe {args.recipe}" if args.recipe != "v1" else ""
+    command = f"diffugts train-foundation --out {args.out}{recipe_flag}" + \
         f" --steps {steps} --vae-steps {vae_steps} --volumes-per-region {volumes} --seed {args.seed} " \
         f"--data-seed {args.data_seed}" + (f" --crop-fraction {args.crop_fraction:g}" if args.crop_fraction else "") \
         + (f" --max-minutes {args.max_minutes:g}" if args.max_minutes else "") + (" --resume" if args.resume else "")

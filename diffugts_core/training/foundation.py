@@ -478,8 +478,9 @@ def context_holes(unknown: torch.Tensor, offsets, config: FoundationTrainingConf
     radius = low + (high - low) * draw(batch)  # in cells
     half_height = radius * cell_mm / slice_mm  # in slices
     middle = (2 * draw(batch) - 1) * half_height
+    # centred in an organ where the map shows one (the small floor: anywhere on a slice without organs)
     weights = torch.ones(batch, rows * cols) if organ_maps is None else \
-        (organ_maps.sum(1).flatten(1) > 0.5).float() + 1e-6  # any cell where no organ is in view
+        (organ_maps.sum(1).flatten(1) > 0.5).float() + 1e-6
     centre = torch.multinomial(weights, 1, generator=generator)[:, 0]
     y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     distance = (y - (centre // cols)[:, None, None]) ** 2 + (x - (centre % cols)[:, None, None]) ** 2  # (B, h, w)
@@ -581,8 +582,9 @@ def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, 
                 z0 = random_crops(z0, config.crop_min, generator)
             else:
                 z0, cropped = random_crops(z0, config.crop_min, generator, extra=torch.cat(maps, 1))
-                organ_maps, context = (cropped[:, :organ_maps.shape[1]] if organ_maps is not None else None,
-                                       cropped[:, cropped.shape[1] - context.shape[1]:] if context is not None else None)
+                split = 0 if organ_maps is None else organ_maps.shape[1]
+                organ_maps, context = (cropped[:, :split] if split else None,
+                                       cropped[:, split:] if context is not None else None)
         which = caption_index[pick].clone()
         which[torch.rand(len(pick), generator=generator) < config.caption_dropout] = empty
         noise = torch.randn(z0.shape, generator=generator)
@@ -739,7 +741,8 @@ def _init_from(source: Path, vae, unet, checkpoints: Path) -> dict:
         raise InputError(f"init_from {source}: another architecture than this recipe's ({exc})") from None
     with atomic_path(checkpoints / "vae.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, tmp)
-    return {"model": str(source), **{part: hashlib.sha256(path.read_bytes()).hexdigest() for part, path in files.items()}}
+    digests = {part: hashlib.sha256(path.read_bytes()).hexdigest() for part, path in files.items()}
+    return {"model": str(source), **digests}
 
 
 def _restore(model, optimizer, folder: Path, name: str, step: int) -> int:
@@ -818,13 +821,14 @@ def model_card(config, case_ids, n_slices, state, vae, unet, finished: bool = Tr
               "of training samples see an empty map, so the map is optional, and each organ is left out of a sample's map with "
               f"a {config.organ_channel_dropout:.0%} chance, as the kit's localisation may miss one."
               if config.organ_conditioning else "")
-    context = (f" And the known latents of the slices at offsets {', '.join(f'{o:+d}' for o in config.denoiser_context)} with "
-               f"their unknown masks ({len(config.denoiser_context) * (config.latent_channels + 1)} channels: through-plane "
-               "context for inpainting); in training the neighbours get random lesion-shaped holes, "
+    offsets = ", ".join(f"{o:+d}" for o in config.denoiser_context)
+    context = (f" And the known latents of the slices at offsets {offsets} with their unknown masks "
+               f"({len(config.denoiser_context) * (config.latent_channels + 1)} channels: through-plane context for "
+               "inpainting); in training the neighbours get random lesion-shaped holes, "
                f"{config.context_dropout:.0%} of samples see no neighbour." if config.denoiser_context else "")
     source = state.get("init_from")
-    start = (f"Started from `{source['model']}` (vae sha256 {source['vae'][:12]}..., unet {source['unet'][:12]}...): its "
-             "VAE kept as it is, its UNet's weights as the start, new input channels at zero. " if source else "")
+    start = (f"Started from `{source['model']}` (vae sha256 {source['vae'][:12]}..., unet {source['unet'][:12]}...): "
+             "its VAE kept as it is, its UNet's weights as the start, new input channels at zero. " if source else "")
     if config.schedule == "plateau":
         schedule = (f"constant after warm-up, halved when the validation loss stopped improving by 1% for "
                     f"{config.plateau_patience} checkpoints, ended at the plateau after {config.plateau_decays} halvings")
