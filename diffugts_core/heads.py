@@ -100,15 +100,3 @@ def cached_heads(folder: Path, config: HeadsConfig) -> TrainedHeads | None:
         return None
     heads = TrainedHeads.load(folder)
     return heads if replace(heads.config, test_per_category=config.test_per_category) == config else None
-
-
-# ---- data --------------------------------------------------------------------------------------
-
-
-# ---- training -----------------------------------------------------------------------------------
-
-
-# ---- inference --------------------------------------------------------------------------------
-
-
-# ---- evaluation -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffugts_core.data import phantoms
 from diffugts_core import vocabulary
@@ -268,9 +269,19 @@ def test_v3_starts_from_a_finished_model_and_inpaints_with_the_neighbouring_slic
     without = foundation.HeldOutNoiseLoss(validation, every[pick], scheduler, 2, "cpu")
     assert with_context.context.shape == (len(pick), 10, 16, 16) and with_context.context[:, 8:].any()
     assert with_context(unet) == pytest.approx(without(original.unet), abs=1e-6)
-    out = train_foundation(tmp_path / "v3", v3, progress=False, command="v3")
+    # the first steps train only the context's input weights, v2's UNet held as it was; then the whole UNet
+    v3 = replace(v3, unet_steps=4, context_only_steps=2)
+    out = train_foundation(tmp_path / "v3", replace(v3, max_minutes=0), progress=False, command="v3")
+    held = load_file(out / "checkpoints" / "unet.safetensors")
+    conv_in = held.pop("conv_in.weight")
+    assert conv_in[:, 11:].abs().sum() > 0 and torch.equal(conv_in[:, :11], unet.conv_in.weight[:, :11])
+    assert all(torch.equal(value, unet.state_dict()[key]) for key, value in held.items())
+    out = train_foundation(tmp_path / "v3", v3, resume=True, progress=False, command="v3")
     state = json.loads((out / "checkpoints" / "state.json").read_text())
-    assert state["init_from"]["model"] == str(source) and state["vae_step"] == 0 and state["unet_step"] == 2
+    assert state["init_from"]["model"] == str(source) and state["vae_step"] == 0 and state["unet_step"] == 4
+    trained = load_file(out / "checkpoints" / "unet.safetensors")
+    assert not torch.equal(trained["conv_in.weight"][:, :11], conv_in[:, :11])
+    assert sum(not torch.equal(value, trained[key]) for key, value in held.items()) > len(held) / 2
     assert not state["curves"]["vae"] and state["curves"]["unet"][-1]["validation"] > 0
     backbone = DiffusersSliceBackbone.from_pretrained(out, device="cpu")
     assert backbone.denoiser_context == (-2, 2) and backbone.unet.config.in_channels == 4 + 7 + 2 * 5

@@ -81,6 +81,11 @@ class FoundationTrainingConfig:
     # a finished model folder to start from: its VAE is kept (no VAE phase) and its UNet's weights start this UNet,
     # input channels it lacks (the through-plane context) at zero, so that training begins from what it does
     init_from: str | None = None
+    # new inputs start at zero and learn while the rest stays frozen (ControlNet's zero convolutions), so that they
+    # cannot disturb what the source model does: the first `context_only_steps` UNet steps train only the input
+    # weights of the context channels, at `context_only_lr`; then the whole UNet at `unet_lr`, warmed up again
+    context_only_steps: int = 0
+    context_only_lr: float = 1e-3
     checkpoint_every: int = 200
     # held-out healthy volumes (their own seed) whose losses are measured at every checkpoint: the training curves
     validation_volumes_per_region: int = 0
@@ -113,8 +118,10 @@ V2 = FoundationTrainingConfig(volumes_per_region=100, vae_channels=(32, 64), con
 # own and cannot see the kidney's medulla or the pancreatic duct run on above and below a tumor (findings section 3a);
 # this one also sees the known latents of its own slice (as diffusers' inpainting UNets see the masked image) and of
 # the slices 2, 4 and 6 (8-24 mm) up and down, past a 12 mm tumor and its margin. It keeps v2's VAE, so v2's AOVA heads
-# serve it, and starts from v2's UNet (the new channels at zero)
-V3 = replace(V2, denoiser_context=(-6, -4, -2, 0, 2, 4, 6), init_from="models/phantom_foundation_v2", unet_lr=2.5e-4)
+# serve it, and starts from v2's UNet (the new channels at zero), whose other weights stay frozen while the new ones
+# learn (fine-tuned whole from the start, its holes got worse: findings section 3e)
+V3 = replace(V2, denoiser_context=(-6, -4, -2, 0, 2, 4, 6), init_from="models/phantom_foundation_v2",
+             context_only_steps=4000, unet_lr=5e-5)
 RECIPES = {"v1": FoundationTrainingConfig(), "v2": V2, "v3": V3}
 
 
@@ -557,12 +564,21 @@ def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, 
         seed=config.seed + 3, config=config)
     neighbours = NeighbourLatents(data, latents, config.denoiser_context) if config.denoiser_context else None
     validation_loss = None if held_out is None else (lambda: held_out(unet))
+    # (a run resumed at the release builds it too, to release it: its conv_in moments were saved frozen)
+    context_only = ContextOnly(unet, config) if start <= config.context_only_steps > 0 else None
     unet.train()
     bar = tqdm(range(start, config.unet_steps), desc="UNet", disable=not progress, initial=start,
                total=config.unet_steps)
     run.clock, losses = time.perf_counter(), []
     for step in bar:
-        _set_lr(optimizer, config.unet_lr, step, config.unet_steps, config, state, "unet")
+        if context_only is not None and step == config.context_only_steps:
+            context_only = context_only.release(optimizer)
+            state["plateau"].pop("unet", None)  # the whole UNet's learning rate starts over, and its plateau
+        if context_only is not None:
+            _set_lr(optimizer, config.context_only_lr, step, config.unet_steps, config, state, "unet")
+        else:
+            _set_lr(optimizer, config.unet_lr, step, config.unet_steps, config, state, "unet",
+                    since=config.context_only_steps)
         pick = torch.randint(len(latents), (config.unet_batch,), generator=generator)
         z0 = latents[pick]
         organ_maps = None
@@ -603,6 +619,32 @@ def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, 
         if _step(unet, optimizer, loss, step, config.unet_steps, "unet", run, losses, validation_loss):
             break
     run.book_seconds("unet")
+
+
+class ContextOnly:
+    """Trains only the input weights of a through-plane UNet's context channels (the last of ``conv_in``'s inputs):
+    every other weight is frozen, and the gradient of ``conv_in``'s other input weights is zeroed."""
+
+    def __init__(self, unet, config: FoundationTrainingConfig):
+        weight = unet.conv_in.weight
+        first = weight.shape[1] - len(config.denoiser_context) * (config.latent_channels + 1)
+        if not config.denoiser_context or first < 0:
+            raise ValueError("context_only_steps needs a UNet with through-plane context (denoiser_context)")
+        self.unet, self.weight = unet, weight
+        for parameter in unet.parameters():
+            parameter.requires_grad_(False)
+        weight.requires_grad_(True)
+        keep = torch.zeros_like(weight)
+        keep[:, first:] = 1
+        self.hook = weight.register_hook(lambda grad: grad * keep)
+
+    def release(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unfreeze the whole UNet. ``conv_in``'s optimiser state is dropped: its zero moments for the weights that
+        were held would make their first steps about three times the learning rate."""
+        self.hook.remove()
+        for parameter in self.unet.parameters():
+            parameter.requires_grad_(True)
+        optimizer.state.pop(self.weight, None)
 
 
 def square_crops(x: torch.Tensor, side: int, generator: torch.Generator) -> torch.Tensor:
@@ -679,8 +721,9 @@ def _plateau(plateau: dict, loss: float, config: FoundationTrainingConfig) -> bo
 
 
 def _set_lr(optimizer, base: float, step: int, total: int, config: FoundationTrainingConfig, state: dict, name: str,
-            warmup: int = 50) -> None:
-    scale = min(1.0, (step + 1) / warmup)
+            warmup: int = 50, since: int = 0) -> None:
+    """The learning rate of ``step``: warmed up over ``warmup`` steps from ``since``, then the schedule's."""
+    scale = min(1.0, (step - since + 1) / warmup)
     if config.schedule == "plateau":
         scale *= state["plateau"].get(name, {}).get("scale", 1.0)
     else:
@@ -829,6 +872,9 @@ def model_card(config, case_ids, n_slices, state, vae, unet, finished: bool = Tr
     source = state.get("init_from")
     start = (f"Started from `{source['model']}` (vae sha256 {source['vae'][:12]}..., unet {source['unet'][:12]}...): "
              "its VAE kept as it is, its UNet's weights as the start, new input channels at zero. " if source else "")
+    if config.context_only_steps:
+        start += (f"The first {config.context_only_steps} UNet steps trained only the context's input weights (AdamW "
+                  f"{config.context_only_lr:g}), the rest held; then the whole UNet. ")
     if config.schedule == "plateau":
         schedule = (f"constant after warm-up, halved when the validation loss stopped improving by 1% for "
                     f"{config.plateau_patience} checkpoints, ended at the plateau after {config.plateau_decays} halvings")
