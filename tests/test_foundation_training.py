@@ -310,19 +310,22 @@ def test_v3_starts_from_a_finished_model_and_inpaints_with_the_neighbouring_slic
     assert torch.equal(result[0, 6:15], x[6:15]) and not torch.equal(result[0, 3:6], x[3:6])
 
 
-def test_a_denoiser_that_sees_its_own_slice_is_scored_as_much_where_it_generates_as_elsewhere():
+def test_a_denoiser_that_sees_its_own_slice_is_scored_only_where_it_generates():
     from diffugts_core.backbone.base import context_channels
 
-    unknown = torch.zeros(2, 3, 8, 8)
+    unknown = torch.zeros(3, 3, 8, 8)
     unknown[:, 1, 2:4, 2:4] = 1  # the slice's own hole (offset 0)
     unknown[:, 0] = 1  # a neighbour wholly unknown
-    context = context_channels(torch.randn(2, 3, 4, 8, 8), unknown)
+    context = context_channels(torch.randn(3, 3, 4, 8, 8), unknown)
     generated = foundation.generated_cells(context, (-2, 0, 2))
     assert torch.equal(generated, unknown[:, 1]) and foundation.generated_cells(context, (-2, 2)) is None
-    noise = torch.randn(2, 4, 8, 8)
-    predicted = noise + 2 * generated[:, None]  # wrong only where it generates: 4 of 64 cells
-    assert foundation.inpainting_loss(predicted, noise, None) == pytest.approx(4 * 4 / 64)
-    assert foundation.inpainting_loss(predicted, noise, generated) == pytest.approx(4 / 2)  # half the weight: the hole
-    generated[1] = 1  # a sample that sees no context: its whole slice is its hole, and it counts as one sample
-    predicted = noise + 2 * generated[:, None] * torch.tensor([1.0, 0.0])[:, None, None, None]
-    assert foundation.inpainting_loss(predicted, noise, generated) == pytest.approx((4 / 2 + 0) / 2)
+    noise = torch.randn(3, 4, 8, 8)
+    predicted = noise + 2 * generated[:, None] + 5 * (1 - generated[:, None])  # wrong everywhere, most outside
+    assert foundation.inpainting_loss(predicted, noise, None) == pytest.approx((4 * 4 + 25 * 60) / 64)
+    assert foundation.inpainting_loss(predicted, noise, generated) == pytest.approx(4)  # the holes alone
+    generated[1] = 1  # a sample that sees no context: its whole slice is its hole, one sample among the others
+    generated[2] = 0  # one that generates nothing: not scored
+    predicted = noise + torch.tensor([2.0, 1.0, 9.0])[:, None, None, None]
+    assert foundation.inpainting_loss(predicted, noise, generated) == pytest.approx((4 + 1) / 2)
+    generated[:] = 0
+    assert foundation.inpainting_loss(predicted.requires_grad_(), noise, generated) == 0

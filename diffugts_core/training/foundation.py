@@ -121,7 +121,7 @@ V2 = FoundationTrainingConfig(volumes_per_region=100, vae_channels=(32, 64), con
 # serve it, and starts from v2's UNet (the new channels at zero), whose other weights stay frozen while the new ones
 # learn (fine-tuned whole from the start, its holes got worse: findings section 3e)
 V3 = replace(V2, denoiser_context=(-6, -4, -2, 0, 2, 4, 6), init_from="models/phantom_foundation_v2",
-             context_only_steps=4000, unet_lr=5e-5)
+             context_only_steps=4000, context_only_lr=2.5e-4, unet_lr=5e-5)
 RECIPES = {"v1": FoundationTrainingConfig(), "v2": V2, "v3": V3}
 
 
@@ -436,20 +436,19 @@ def generated_cells(context: torch.Tensor | None, offsets) -> torch.Tensor | Non
 
 
 def inpainting_loss(predicted: torch.Tensor, noise: torch.Tensor, generated: torch.Tensor | None) -> torch.Tensor:
-    """Noise MSE; where the denoiser sees its own slice's known latents, the cells it generates weigh as much as the
-    rest: elsewhere the noise follows from the known latents, a shortcut that would swamp the loss (v3's first run
-    learned to copy its context and filled the holes with the empty latent: findings section 3e)."""
+    """Noise MSE; where the denoiser sees its own slice's known latents, only in the cells it generates, averaged per
+    sample over the samples that generate any. Inpainting keeps the known latents, so the rest is never used, and there
+    the noise follows from the known latents: a shortcut that swamped the loss (v3's first run learned to copy its
+    context and filled the holes with the empty latent), and with half the weight still pulled the holes' MSE up
+    (findings section 3e)."""
     if generated is None:
         return torch.nn.functional.mse_loss(predicted.float(), noise)
     error = (predicted.float() - noise).square().mean(1)  # (B, h, w)
-    return torch.stack([_balanced(e, g) for e, g in zip(error, generated)]).mean()
-
-
-def _balanced(error: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-    """One sample's MSE in the cells it generates and in the others, half each (per sample: pooled over a batch, the
-    samples that see no context at all would outweigh every hole)."""
-    parts = [(error * weight).sum() / weight.sum() for weight in (generated, 1 - generated) if weight.sum() > 0]
-    return sum(parts) / len(parts)
+    cells = generated.flatten(1).sum(1)
+    some = cells > 0
+    if not some.any():
+        return error.sum() * 0.0  # (a batch with nothing to generate still has a graph to step through)
+    return ((error * generated).flatten(1).sum(1)[some] / cells[some]).mean()
 
 
 class NeighbourLatents:
