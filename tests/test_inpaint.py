@@ -7,6 +7,7 @@ import torch
 from diffugts_core.data import phantoms
 from diffugts_core.backbone import Conditioning, load_backbone
 from diffugts_core.inpaint import InpaintConfig, enlarge_mask, inpaint_slices, latent_mask
+from diffugts_core.io import InputError
 
 from .test_backbone import text_cond, tiny_backbone
 
@@ -61,8 +62,8 @@ def test_check_foundation_report_has_every_section():
     from diffugts_core.text import TextEncoder
 
     backbone = tiny_backbone()
-    report = check_foundation(backbone, TextEncoder.from_pretrained(device="cpu"), shape=(32, 32, 16),
-                              config=InpaintConfig(steps=2, samples=1))
+    text_encoder = TextEncoder.from_pretrained(device="cpu")
+    report = check_foundation(backbone, text_encoder, shape=(32, 32, 16), config=InpaintConfig(steps=2, samples=1))
     assert [r["case"] for r in report["reconstruction"]] == ["healthy_abdomen_000", "healthy_thorax_000",
                                                               "healthy_brain_000"]
     assert all(np.isfinite(r["mae_body"]) and r["mae_body"] > 0 for r in report["reconstruction"])
@@ -72,8 +73,21 @@ def test_check_foundation_report_has_every_section():
     assert all(np.isfinite(r["organ_mean_fill_ratio"]) for r in report["pseudo_healthy"])
     assert report["timings"]["slices"] == 16
     text = format_report(report)
-    for heading in ("VAE reconstruction", "healthy inpainting", "pseudo-healthy", "per-stage times", "organ-mean fill"):
+    for heading in ("VAE reconstruction", "healthy inpainting", "pseudo-healthy", "per-stage times", "organ-mean fill",
+                    "mean ratio per organ over 2 seeds"):
         assert heading in text
+    assert report["pseudo_healthy_mean"]["liver"] == pytest.approx(
+        np.mean([r["ratio"] for r in report["pseudo_healthy"] if r["organ"] == "liver"]))
+    # more seeds, fewer organs: every ratio of the seeds asked, each case the healthy abdomen of its seed
+    more = check_foundation(backbone, text_encoder, shape=(32, 32, 16), config=InpaintConfig(steps=2, samples=1),
+                            pseudo_healthy_seeds=(20, 21, 22), organs=("kidney_right",))
+    assert [(r["seed"], r["organ"]) for r in more["pseudo_healthy"]] == [(20, "kidney_right"), (21, "kidney_right"),
+                                                                      (22, "kidney_right")]
+    assert [r["case"] for r in more["pseudo_healthy"]] == ["healthy_abdomen_000"] * 3
+    assert more["pseudo_healthy"][0]["mean_hu"]["healthy"] != more["pseudo_healthy"][1]["mean_hu"]["healthy"]
+    assert list(more["pseudo_healthy_mean"]) == ["kidney_right"]
+    with pytest.raises(InputError, match="kidney_left"):
+        check_foundation(backbone, text_encoder, organs=("kidney_left",))
 
 
 def test_the_organ_mean_fill_shows_the_structure_hidden_under_a_kidney_tumor():

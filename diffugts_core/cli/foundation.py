@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import replace
@@ -75,6 +76,19 @@ def _run_train_foundation(args) -> int:
     return 0
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """'20-27' or '20,22,25' -> the seeds."""
+    try:
+        if "-" in text.strip("-"):
+            first, last = (int(part) for part in text.split("-", 1))
+            if last < first:
+                raise ValueError
+            return tuple(range(first, last + 1))
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seeds as a range (20-27) or a list (20,22)") from None
+
+
 def add_check_foundation(subparsers) -> None:
     parser = subparsers.add_parser(
         "check-foundation", help="measure the foundation model on held-out healthy phantoms",
@@ -87,6 +101,11 @@ def add_check_foundation(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     parser.add_argument("--samples", type=int, default=2, help="inpainting samples averaged (default 2)")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1)")
+    parser.add_argument("--pseudo-healthy-seeds", type=seed_list, default=(), metavar="SEEDS",
+                        help="run the pseudo-healthy test on the healthy abdomens of these seeds instead of SEED and "
+                        "SEED + 1: a range (20-27) or a list (20,22)")
+    parser.add_argument("--organs", type=lambda text: tuple(text.split(",")),
+                        help="organs of the pseudo-healthy test, comma-separated (default: all four)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON")
     parser.set_defaults(run=_run_check_foundation, paths=lambda args: (
         model_inputs(args), optional_file(args.json, "JSON report")))
@@ -94,14 +113,15 @@ def add_check_foundation(subparsers) -> None:
 
 def _run_check_foundation(args) -> int:
     from ..backbone import load_backbone
-    from ..experiments.foundation_check import check_foundation, format_report
+    from ..experiments.foundation_check import PSEUDO_HEALTHY_ORGANS, check_foundation, format_report
     from ..inpaint import InpaintConfig
     from ..text import TextEncoder
 
     backbone = load_backbone(args.model)
     text_encoder = TextEncoder.from_pretrained(backbone.config.text_encoder)
     config = InpaintConfig(steps=args.steps, samples=args.samples, guidance_scale=args.guidance)
-    report = check_foundation(backbone, text_encoder, seed=args.seed, config=config)
+    report = check_foundation(backbone, text_encoder, seed=args.seed, config=config,
+                              pseudo_healthy_seeds=args.pseudo_healthy_seeds, organs=args.organs or PSEUDO_HEALTHY_ORGANS)
     print(format_report(report))
     if args.json:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")

@@ -23,6 +23,7 @@ import torch
 from scipy import ndimage
 
 from ..data import phantoms
+from ..io import InputError
 from ..inpaint import InpaintConfig, enlarge_mask, healthy_conditioning, pseudo_healthy
 from ..metrics import dice
 from ..vocabulary import ORGAN_LABELS, conditioning_organ_index
@@ -147,16 +148,27 @@ def stage_timings(backbone, case, config: InpaintConfig, text_encoder) -> dict:
 
 
 def check_foundation(backbone, text_encoder, *, seed: int = 7, shape=(128, 128, 64),
-                     config: InpaintConfig = InpaintConfig(samples=2)) -> dict:
+                     config: InpaintConfig = InpaintConfig(samples=2), pseudo_healthy_seeds: tuple[int, ...] = (),
+                     organs: tuple[str, ...] = PSEUDO_HEALTHY_ORGANS) -> dict:
+    """The report; the pseudo-healthy test runs on the healthy abdomens of ``seed`` and ``seed + 1``, or of
+    ``pseudo_healthy_seeds`` when given (more seeds: ratios that move less from case to case)."""
+    unknown = sorted(set(organs) - set(PSEUDO_HEALTHY_ORGANS))
+    if unknown or not organs:
+        raise InputError(f"organs {unknown or '(none)'}: the pseudo-healthy test knows "
+                         f"{', '.join(PSEUDO_HEALTHY_ORGANS)}")
     torch.manual_seed(0)
     cases = {region: phantoms.generate_case("healthy", 0, seed, shape, region=region)
              for region in ("abdomen", "thorax", "brain")}
-    abdomens = {seed: cases["abdomen"], seed + 1: phantoms.generate_case("healthy", 0, seed + 1, shape, region="abdomen")}
+    abdomens = {case_seed: cases["abdomen"] if case_seed == seed else
+                phantoms.generate_case("healthy", 0, case_seed, shape, region="abdomen")
+                for case_seed in pseudo_healthy_seeds or (seed, seed + 1)}
     report = {"seed": seed, "inpaint": vars(config).copy(),
               "reconstruction": [reconstruction(backbone, case) for case in cases.values()],
               "healthy_inpainting": healthy_inpainting(backbone, text_encoder, cases["abdomen"], config),
               "pseudo_healthy": [{"seed": case_seed, **pseudo_healthy_test(backbone, text_encoder, case, organ, config)}
-                                 for organ in PSEUDO_HEALTHY_ORGANS for case_seed, case in abdomens.items()]}
+                                 for organ in organs for case_seed, case in abdomens.items()]}
+    report["pseudo_healthy_mean"] = {organ: float(np.mean([r["ratio"] for r in report["pseudo_healthy"]
+                                                           if r["organ"] == organ])) for organ in organs}
     report["timings"] = stage_timings(backbone, cases["abdomen"], config, text_encoder)
     report["pass"] = all(r["ratio"] <= RATIO_LIMIT for r in report["pseudo_healthy"])
     return report
@@ -184,6 +196,8 @@ def format_report(report: dict) -> str:
                      f"  ratio {r['ratio']:.3f} (organ-mean fill {r['organ_mean_fill_ratio']:.3f})"
                      f"  DSC(|I-H|>20 HU) {r['dice_residual_gt_20hu']:.3f}"
                      f"  spread {r['spread_hu']:.1f} HU")
+    means = ", ".join(f"{organ} {ratio:.3f}" for organ, ratio in report["pseudo_healthy_mean"].items())
+    lines.append(f"  mean ratio per organ over {len({r['seed'] for r in report['pseudo_healthy']})} seeds: {means}")
     t = report["timings"]
     lines += ["", f"per-stage times, one {t['slices']}-slice volume (s)"]
     lines += [f"  {k:28s} {v:7.3f}" for k, v in t["seconds"].items()]
