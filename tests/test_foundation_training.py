@@ -276,8 +276,15 @@ def test_v3_starts_from_a_finished_model_and_inpaints_with_the_neighbouring_slic
     conv_in = held.pop("conv_in.weight")
     assert conv_in[:, 11:].abs().sum() > 0 and torch.equal(conv_in[:, :11], unet.conv_in.weight[:, :11])
     assert all(torch.equal(value, unet.state_dict()[key]) for key, value in held.items())
+    # a validation plateau during the context-only steps ends them, not the UNet's phase
+    plateau = {"unet": {"reached": 2}}
+    run = foundation._Run(v3, tmp_path, {"unet_step": 2, "plateau": plateau}, 0.0, torch.device("cpu"))
+    assert not foundation._phase_done(run, "unet")
+    run.state["context_only_until"] = 2
+    assert foundation._phase_done(run, "unet")
     out = train_foundation(tmp_path / "v3", v3, resume=True, progress=False, command="v3")
     state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert state["context_only_until"] == 2 and "The first 2 UNet steps trained only" in (out / "README.md").read_text()
     assert state["init_from"]["model"] == str(source) and state["vae_step"] == 0 and state["unet_step"] == 4
     trained = load_file(out / "checkpoints" / "unet.safetensors")
     assert not torch.equal(trained["conv_in.weight"][:, :11], conv_in[:, :11])

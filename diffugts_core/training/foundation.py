@@ -82,8 +82,9 @@ class FoundationTrainingConfig:
     # input channels it lacks (the through-plane context) at zero, so that training begins from what it does
     init_from: str | None = None
     # new inputs start at zero and learn while the rest stays frozen (ControlNet's zero convolutions), so that they
-    # cannot disturb what the source model does: the first `context_only_steps` UNet steps train only the input
-    # weights of the context channels, at `context_only_lr`; then the whole UNet at `unet_lr`, warmed up again
+    # cannot disturb what the source model does: the first UNet steps, `context_only_steps` at most or until their
+    # validation plateau, train only the input weights of the context channels, at `context_only_lr`; then the whole
+    # UNet at `unet_lr`, warmed up again, with a plateau of its own
     context_only_steps: int = 0
     context_only_lr: float = 1e-3
     checkpoint_every: int = 200
@@ -564,20 +565,22 @@ def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, 
     neighbours = NeighbourLatents(data, latents, config.denoiser_context) if config.denoiser_context else None
     validation_loss = None if held_out is None else (lambda: held_out(unet))
     # (a run resumed at the release builds it too, to release it: its conv_in moments were saved frozen)
-    context_only = ContextOnly(unet, config) if start <= config.context_only_steps > 0 else None
+    context_only = ContextOnly(unet, config) if _context_only(run) else None
     unet.train()
     bar = tqdm(range(start, config.unet_steps), desc="UNet", disable=not progress, initial=start,
                total=config.unet_steps)
     run.clock, losses = time.perf_counter(), []
     for step in bar:
-        if context_only is not None and step == config.context_only_steps:
+        if context_only is not None and (step >= config.context_only_steps or
+                                         "reached" in state["plateau"].get("unet", {})):
             context_only = context_only.release(optimizer)
+            state["context_only_until"] = step
             state["plateau"].pop("unet", None)  # the whole UNet's learning rate starts over, and its plateau
         if context_only is not None:
             _set_lr(optimizer, config.context_only_lr, step, config.unet_steps, config, state, "unet")
         else:
             _set_lr(optimizer, config.unet_lr, step, config.unet_steps, config, state, "unet",
-                    since=config.context_only_steps)
+                    since=state.get("context_only_until", 0))
         pick = torch.randint(len(latents), (config.unet_batch,), generator=generator)
         z0 = latents[pick]
         organ_maps = None
@@ -699,7 +702,14 @@ def _phase_done(run: _Run, name: str) -> bool:
     if name == "vae" and "init_from" in run.state:
         return True
     cap = run.config.vae_steps if name == "vae" else run.config.unet_steps
+    if name == "unet" and _context_only(run):  # its plateau ends the context-only steps, not the phase
+        return run.state["unet_step"] >= cap
     return run.state[f"{name}_step"] >= cap or "reached" in run.state["plateau"].get(name, {})
+
+
+def _context_only(run: _Run) -> bool:
+    """Whether the UNet is (or, resumed at its end, was until now) in its context-only steps."""
+    return run.config.context_only_steps > 0 and "context_only_until" not in run.state
 
 
 def _plateau(plateau: dict, loss: float, config: FoundationTrainingConfig) -> bool:
@@ -872,8 +882,10 @@ def model_card(config, case_ids, n_slices, state, vae, unet, finished: bool = Tr
     start = (f"Started from `{source['model']}` (vae sha256 {source['vae'][:12]}..., unet {source['unet'][:12]}...): "
              "its VAE kept as it is, its UNet's weights as the start, new input channels at zero. " if source else "")
     if config.context_only_steps:
-        start += (f"The first {config.context_only_steps} UNet steps trained only the context's input weights (AdamW "
-                  f"{config.context_only_lr:g}), the rest held; then the whole UNet. ")
+        until = state.get("context_only_until")
+        steps = f"The first {until}" if until is not None else f"So far all {state['unet_step']}"
+        start += (f"{steps} UNet steps trained only the context's input weights (AdamW {config.context_only_lr:g}, "
+                  f"at most {config.context_only_steps} or until their plateau), the rest held; then the whole UNet. ")
     if config.schedule == "plateau":
         schedule = (f"constant after warm-up, halved when the validation loss stopped improving by 1% for "
                     f"{config.plateau_patience} checkpoints, ended at the plateau after {config.plateau_decays} halvings")
