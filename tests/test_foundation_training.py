@@ -232,6 +232,14 @@ def test_neighbour_latents_and_training_holes_mark_what_a_through_plane_denoiser
     assert holes.flatten(1).any(1).all()  # every hole reaches a neighbour at most one slice away
     marked = holes.amax(1)  # and lies within its radius (3 cells, and the half cell any cover marks) of the organ
     assert marked[:, 2:5, 3:6].amax((1, 2)).eq(1).all() and not marked[:, 8:].any() and not marked[:, :, 9:].any()
+    # each organ in view is as likely a centre as the others, whatever its area: here a 4-cell organ beside a 100-cell one
+    organs = torch.zeros(1000, 7, 16, 16)
+    organs[:, 0, :10, :10] = 1.0
+    organs[:, 3, 12:14, 12:14] = 1.0
+    point = replace(config, hole_radius_cells=(0.0, 0.1), context_dropout=0.0, context_holes=1.0)
+    holes = foundation.context_holes(torch.zeros(1000, 1, 16, 16), (0,), point, generator, organs)[:, 0]
+    assert holes.flatten(1).sum(1).eq(1).all()  # one cell: the centre
+    assert 0.45 < holes[:, 12:14, 12:14].sum() / 1000 < 0.55
     assert foundation.context_holes(torch.zeros(4, 2, 8, 8), (-1, 1), replace(config, context_dropout=1.0),
                                     generator).eq(1).all()
     assert not foundation.context_holes(torch.zeros(4, 2, 8, 8), (-1, 1), replace(config, context_holes=0.0),
@@ -262,7 +270,8 @@ def test_v3_starts_from_a_finished_model_and_inpaints_with_the_neighbouring_slic
     validation = healthy_volumes(tiny, original.config, seed=tiny.validation_seed, per_region=1, progress=False,
                                  cache=source / "checkpoints")
     with torch.no_grad():
-        every = original.vae.encode(validation.stacks(torch.arange(len(validation)), 1)).latent_dist.mean
+        every = original.vae.encode(validation.stacks(torch.arange(len(validation)), 1)).latent_dist.mean \
+            * original.scaling_factor  # as training scales them
     scheduler = foundation.build_models(tiny, 384)[2]
     pick = foundation._validation_pick(validation)
     with_context = foundation.HeldOutNoiseLoss(validation, every, scheduler, 2, "cpu", config=v3)
@@ -288,6 +297,7 @@ def test_v3_starts_from_a_finished_model_and_inpaints_with_the_neighbouring_slic
     assert state["init_from"]["model"] == str(source) and state["vae_step"] == 0 and state["unet_step"] == 4
     trained = load_file(out / "checkpoints" / "unet.safetensors")
     assert not torch.equal(trained["conv_in.weight"][:, :11], conv_in[:, :11])
+    assert state["curves"]["unet"][0] == {"step": 0, "validation": pytest.approx(with_context(unet), abs=1e-5)}
     assert sum(not torch.equal(value, trained[key]) for key, value in held.items()) > len(held) / 2
     assert not state["curves"]["vae"] and state["curves"]["unet"][-1]["validation"] > 0
     backbone = DiffusersSliceBackbone.from_pretrained(out, device="cpu")

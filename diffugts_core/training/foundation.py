@@ -474,8 +474,8 @@ class NeighbourLatents:
 def context_holes(unknown: torch.Tensor, offsets, config: FoundationTrainingConfig, generator: torch.Generator,
                   organ_maps: torch.Tensor | None = None) -> torch.Tensor:
     """Training holes in the neighbours' context, (B, O, h, w) unknown cells (``unknown``: those already missing): an
-    ellipsoid lesion around a random cell (one inside an organ when the map is given) whose middle lies within its
-    half-height of the sample's slice, marked on every neighbour it reaches (any cover marks a cell, as
+    ellipsoid lesion around a random cell (inside an organ when the map is given, each organ in view alike) whose
+    middle lies within its half-height of the sample's slice, marked on every neighbour it reaches (any cover marks a cell, as
     ``inpaint.latent_mask`` does); ``context_dropout`` of the samples see nothing, a share see everything."""
     batch, _, rows, cols = unknown.shape
     cell_mm = phantoms.CT_FOV_MM[0] / config.shape[0] * config.latent_downsample
@@ -485,9 +485,14 @@ def context_holes(unknown: torch.Tensor, offsets, config: FoundationTrainingConf
     radius = low + (high - low) * draw(batch)  # in cells
     half_height = radius * cell_mm / slice_mm  # in slices
     middle = (2 * draw(batch) - 1) * half_height
-    # centred in an organ where the map shows one (the small floor: anywhere on a slice without organs)
-    weights = torch.ones(batch, rows * cols) if organ_maps is None else \
-        (organ_maps.sum(1).flatten(1) > 0.5).float() + 1e-6
+    # centred in an organ where the map shows one, each organ in view as likely as the others (by area the liver would
+    # take most holes, the kidney and pancreas that the pseudo-healthy test asks about few); the small floor: anywhere
+    # on a slice without organs
+    if organ_maps is None:
+        weights = torch.ones(batch, rows * cols)
+    else:
+        inside = (organ_maps > 0.5).float().flatten(2)  # (B, organs, h * w)
+        weights = (inside / inside.sum(2, keepdim=True).clamp_min(1)).sum(1) + 1e-6
     centre = torch.multinomial(weights, 1, generator=generator)[:, 0]
     y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     distance = (y - (centre // cols)[:, None, None]) ** 2 + (x - (centre % cols)[:, None, None]) ** 2  # (B, h, w)
@@ -566,6 +571,8 @@ def _train_unet(unet, latents, conds, data: HealthyVolumes, validation_latents, 
     validation_loss = None if held_out is None else (lambda: held_out(unet))
     # (a run resumed at the release builds it too, to release it: its conv_in moments were saved frozen)
     context_only = ContextOnly(unet, config) if _context_only(run) else None
+    if start == 0 and held_out is not None and "init_from" in state:  # where the source model starts the curve
+        state["curves"]["unet"].append({"step": 0, "validation": round(held_out(unet), 6)})
     unet.train()
     bar = tqdm(range(start, config.unet_steps), desc="UNet", disable=not progress, initial=start,
                total=config.unet_steps)
