@@ -246,15 +246,23 @@ def test_neighbour_latents_and_training_holes_mark_what_a_through_plane_denoiser
                                         generator).any()
 
 
-def test_v3_starts_from_a_finished_model_and_inpaints_with_the_neighbouring_slices(tmp_path):
+TINY_V2 = replace(V2, shape=(32, 32, 16), vae_channels=(16, 16), unet_channels=(16, 32, 32), volumes_per_region=1,
+                  validation_volumes_per_region=1, vae_crop=16, vae_steps=2, unet_steps=2, vae_batch=2, unet_batch=2,
+                  checkpoint_every=2, bf16=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_v2(tmp_path_factory):
+    """A finished tiny v2 model folder, for the recipes that start from one."""
+    return train_foundation(tmp_path_factory.mktemp("v2") / "v2", TINY_V2, progress=False, command="v2")
+
+
+def test_v3_starts_from_a_finished_model_and_inpaints_with_the_neighbouring_slices(tmp_path, tiny_v2):
     from diffugts_core import inpaint
     from diffugts_core.backbone.base import Conditioning
     from diffugts_core.inpaint import InpaintConfig
 
-    tiny = replace(V2, shape=(32, 32, 16), vae_channels=(16, 16), unet_channels=(16, 32, 32), volumes_per_region=1,
-                   validation_volumes_per_region=1, vae_crop=16, vae_steps=2, unet_steps=2, vae_batch=2, unet_batch=2,
-                   checkpoint_every=2, bf16=False)
-    source = train_foundation(tmp_path / "v2", tiny, progress=False, command="v2")
+    tiny, source = TINY_V2, tiny_v2
     v3 = replace(tiny, denoiser_context=(-2, 2), init_from=str(source))
     # before any step the new channels are at zero: the source's predictions, whatever the neighbours hold
     vae, unet, *_ = foundation.build_models(v3, 384)
@@ -325,6 +333,49 @@ def test_v3_starts_from_a_finished_model_and_inpaints_with_the_neighbouring_slic
     assert torch.allclose(context[2, 4:8], known[1]) and not context[2, 9].any()  # slice 5 sees slice 7 whole
     assert context[3, 9].eq(1).all() and not context[3, 4:8].any()  # slice 17 is past the volume's end: unknown
     assert torch.equal(result[0, 6:15], x[6:15]) and not torch.equal(result[0, 3:6], x[3:6])
+
+
+def test_v3_controlnet_steers_the_source_unet_which_stays_as_it_was(tmp_path, tiny_v2):
+    from diffugts_core.backbone.attention import capture_cross_attention
+    from diffugts_core.backbone.base import Conditioning
+    from diffugts_core.backbone.controlled import ControlledUNet
+
+    v3c = replace(TINY_V2, denoiser_context=(-2, 2), init_from=str(tiny_v2), controlnet=True, unet_lr=1e-2)
+    with pytest.raises(ValueError, match="context_only_steps=0"):
+        foundation.build_models(replace(v3c, context_only_steps=2), 384)
+    # at the start the branch adds nothing (zero-initialised outputs): the source's predictions, whatever the context
+    vae, unet, *_ = foundation.build_models(v3c, 384)
+    (tmp_path / "ck").mkdir()
+    foundation._init_from(tiny_v2, vae, unet, tmp_path / "ck")
+    original = DiffusersSliceBackbone.from_pretrained(tiny_v2, device="cpu")
+    z, organs, tokens = torch.randn(2, 4, 16, 16), torch.rand(2, 7, 16, 16), torch.randn(2, 3, 384)
+    with torch.no_grad():
+        started = unet(torch.cat([z, organs, torch.randn(2, 10, 16, 16)], 1), 500, encoder_hidden_states=tokens).sample
+        expected = original.unet(torch.cat([z, organs], 1), 500, encoder_hidden_states=tokens).sample
+    assert isinstance(unet, ControlledUNet) and torch.allclose(started, expected, atol=1e-5)
+    branch = unet.controlnet.state_dict()
+    assert torch.equal(branch["down_blocks.0.resnets.0.conv1.weight"],
+                       original.unet.state_dict()["down_blocks.0.resnets.0.conv1.weight"])  # a copy of the encoder
+    # training moves the branch only
+    out = train_foundation(tmp_path / "v3c", v3c, progress=False, command="v3c")
+    trained = load_file(out / "checkpoints" / "unet.safetensors")
+    source = original.unet.state_dict()
+    assert all(torch.equal(trained[f"unet.{key}"], value) for key, value in source.items())
+    assert sum(not torch.equal(trained[f"controlnet.{key}"], value) for key, value in branch.items()) > len(branch) / 2
+    backbone = DiffusersSliceBackbone.from_pretrained(out, device="cpu")
+    assert (out / "controlnet" / "config.json").is_file() and isinstance(backbone.unet, ControlledUNet)
+    assert backbone.unet.config.in_channels == 4 + 7 + 2 * 5 and "`controlnet/` ControlNetModel" in \
+        (out / "README.md").read_text()
+    # the trained branch reads the context (two warm-up steps: small, but exactly nothing before training)
+    cond = Conditioning(tokens[:1]).expand(2)
+    known = Conditioning(tokens[:1], context=torch.cat([torch.randn(2, 8, 16, 16), torch.zeros(2, 2, 16, 16)], 1))
+    assert (backbone.denoise(z, 500, cond) - backbone.denoise(z, 500, known.expand(2))).abs().max() > 1e-6
+    # AOVA's cross-attention maps are read from the UNet's layers only, as in the source
+    with capture_cross_attention(backbone.unet) as maps:
+        backbone.denoise(z, 500, cond)
+    with capture_cross_attention(original.unet) as source_maps:
+        original.denoise(z, 500, cond)
+    assert maps.layers == source_maps.layers
 
 
 def test_a_denoiser_that_sees_its_own_slice_is_scored_only_where_it_generates():

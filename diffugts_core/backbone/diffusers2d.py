@@ -4,7 +4,8 @@ A 3D volume (RAS, in model space) becomes a batch of axial slices, optionally wi
 slices as channels; results go back to 3D, so masks and metrics stay volumetric. The three encoder
 stages are read with forward hooks on the VAE encoder's down blocks, not by forking diffusers.
 
-A model folder holds ``vae/``, ``unet/`` and ``scheduler/`` as written by ``save_pretrained`` and a
+A model folder holds ``vae/``, ``unet/`` and ``scheduler/`` as written by ``save_pretrained`` (and
+``controlnet/`` where a ControlNet branch steers the UNet: ``controlled.py``) and a
 small ``diffugts_backbone.json`` with what the diffusers configs do not say (slice shape, CT
 intensity knots, the text encoder the UNet was trained with).
 """
@@ -22,6 +23,7 @@ from ..io import InputError, write_text_atomic
 from ..runtime import hub_unreachable_message, locate_pretrained, resolve_device
 from .base import (Conditioning, IntensityMap, block_outputs, context_channels, ct_intensity_map,
                    mri_intensity_map)
+from .controlled import ControlledUNet
 
 BACKBONE_CONFIG = "diffugts_backbone.json"
 
@@ -84,6 +86,8 @@ class DiffusersSliceBackbone:
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", low_cpu_mem_usage=False)
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", low_cpu_mem_usage=False)
             scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
+            if (Path(source) / "controlnet").is_dir():  # a UNet steered by a ControlNet branch (through-plane context)
+                unet = ControlledUNet.from_pretrained(source, unet)
         except (OSError, ValueError) as exc:
             if Path(source).is_dir():
                 raise InputError(f"{source}: not a diffusers model folder with vae/, unet/ and scheduler/ ({exc})") from None
@@ -98,7 +102,10 @@ class DiffusersSliceBackbone:
     def save_pretrained(self, folder: str | Path) -> Path:
         folder = Path(folder)
         self.vae.save_pretrained(folder / "vae")
-        self.unet.save_pretrained(folder / "unet")
+        if isinstance(self.unet, ControlledUNet):
+            self.unet.save_pretrained(folder)
+        else:
+            self.unet.save_pretrained(folder / "unet")
         self.scheduler.save_pretrained(folder / "scheduler")
         write_text_atomic(folder / BACKBONE_CONFIG, json.dumps(asdict(self.config), indent=2) + "\n")
         return folder

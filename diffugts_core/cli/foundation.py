@@ -21,10 +21,11 @@ def add_train_foundation(subparsers) -> None:
         "--recipe v2: 5 mm latent cells, neighbouring slices as VAE channels, an organ-aware UNet, 300 "
         "volumes, trained until the validation losses flatten (--max-minutes splits it into runs). --recipe v3: v2's "
         "VAE, and its UNet fine-tuned to see the known latents of its slice and of slices above and below "
-        "(through-plane context); run it from the repository root, where models/phantom_foundation_v2 is.")
+        "(through-plane context); --recipe v3-controlnet: the same context read by a ControlNet branch, v2's UNet "
+        "frozen. Run v3 and v3-controlnet from the repository root, where models/phantom_foundation_v2 is.")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
-    parser.add_argument("--recipe", choices=("v1", "v2", "v3"), default="v1",
-                        help="architecture and data: v1 (the shipped model), v2 or v3 (default v1)")
+    parser.add_argument("--recipe", choices=("v1", "v2", "v3", "v3-controlnet"), default="v1",
+                        help="architecture and data: v1 (the shipped model), v2, v3 or v3-controlnet (default v1)")
     parser.add_argument("--steps", type=int, help="UNet steps (v1 default 2000; v2: a cap, default 60000)")
     parser.add_argument("--vae-steps", type=int, help="VAE steps (v1 default 800; v2: a cap, default 30000)")
     parser.add_argument("--volumes-per-region", type=int,

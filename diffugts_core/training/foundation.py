@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data import phantoms
 from ..backbone.base import Conditioning, context_channels, organ_cover
+from ..backbone.controlled import ControlledUNet
 from ..backbone.diffusers2d import DiffusersSliceBackbone, SliceBackboneConfig
 from ..io import InputError, atomic_path, write_text_atomic
 from ..runtime import resolve_device
@@ -87,6 +88,9 @@ class FoundationTrainingConfig:
     # UNet at `unet_lr`, warmed up again, with a plateau of its own
     context_only_steps: int = 0
     context_only_lr: float = 1e-3
+    # or the context goes to a ControlNet branch (a trained copy of the UNet's encoder whose outputs enter the UNet
+    # through zero-initialised convolutions), the UNet itself frozen for good: backbone/controlled.py
+    controlnet: bool = False
     checkpoint_every: int = 200
     # held-out healthy volumes (their own seed) whose losses are measured at every checkpoint: the training curves
     validation_volumes_per_region: int = 0
@@ -123,7 +127,10 @@ V2 = FoundationTrainingConfig(volumes_per_region=100, vae_channels=(32, 64), con
 # learn (fine-tuned whole from the start, its holes got worse: findings section 3e)
 V3 = replace(V2, denoiser_context=(-6, -4, -2, 0, 2, 4, 6), init_from="models/phantom_foundation_v2",
              context_only_steps=4000, context_only_lr=2.5e-4, unet_lr=5e-5)
-RECIPES = {"v1": FoundationTrainingConfig(), "v2": V2, "v3": V3}
+# v3 with its context read by a ControlNet branch instead (MAISI's way of steering a frozen generator): v2's UNet is
+# never trained again, so what the whole-UNet phase of v3 broke (the kidney: findings section 3e) cannot break here
+V3_CONTROLNET = replace(V3, controlnet=True, context_only_steps=0, unet_lr=1e-4)
+RECIPES = {"v1": FoundationTrainingConfig(), "v2": V2, "v3": V3, "v3-controlnet": V3_CONTROLNET}
 
 
 def native_bf16() -> bool:
@@ -146,10 +153,17 @@ def build_models(config: FoundationTrainingConfig, cross_attention_dim: int):
     plain = len(config.unet_channels) - 1
     unet = UNet2DConditionModel(
         sample_size=config.shape[0] // config.latent_downsample,
-        in_channels=config.latent_channels + organ_channels + context_channels,
+        in_channels=config.latent_channels + organ_channels + (0 if config.controlnet else context_channels),
         out_channels=config.latent_channels, down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",),
         up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * plain, block_out_channels=config.unet_channels,
         layers_per_block=1, cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=16)
+    if config.controlnet:
+        if not config.denoiser_context:
+            raise ValueError("controlnet needs through-plane context (denoiser_context) for its branch to read")
+        if config.context_only_steps:
+            raise ValueError("context_only_steps trains the context's input weights in the UNet; with controlnet the "
+                             "UNet stays frozen and only the branch learns: set context_only_steps=0")
+        unet = ControlledUNet.from_unet(unet, context_channels)
     train_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                                     beta_end=0.012, clip_sample=False)
     return vae, unet, train_scheduler, DDIMScheduler.from_config(train_scheduler.config)
@@ -780,13 +794,14 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 def _init_from(source: Path, vae, unet, checkpoints: Path) -> dict:
     """Start from the finished model folder ``source``: its VAE weights as this run's finished VAE (kept in
     ``checkpoints`` as the VAE phase leaves them), its UNet's weights in this UNet with the input channels it lacks
-    at zero; the record of what was taken (sha256 of both files) for the run's state."""
+    at zero (or, for a ControlNet recipe, in the frozen UNet and, copied, in its branch); the record of what was taken (sha256 of both files) for the run's state."""
     files = {part: source / part / "diffusion_pytorch_model.safetensors" for part in ("vae", "unet")}
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise InputError(f"init_from {source}: no {', '.join(missing)}; give a finished model folder (train-foundation "
                          "writes one)")
     weights = load_file(files["unet"])
+    branch, unet = (unet, unet.unet) if isinstance(unet, ControlledUNet) else (None, unet)
     have, want = weights["conv_in.weight"], unet.conv_in.weight
     if have.shape[0] != want.shape[0] or have.shape[1] > want.shape[1]:
         raise InputError(f"init_from {source}: its UNet takes {have.shape[1]} input channels into {have.shape[0]}, "
@@ -798,6 +813,8 @@ def _init_from(source: Path, vae, unet, checkpoints: Path) -> dict:
         unet.load_state_dict(weights)
     except RuntimeError as exc:
         raise InputError(f"init_from {source}: another architecture than this recipe's ({exc})") from None
+    if branch is not None:  # the branch starts as a copy of the source's encoder
+        branch.reset_branch()
     with atomic_path(checkpoints / "vae.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, tmp)
     digests = {part: hashlib.sha256(path.read_bytes()).hexdigest() for part, path in files.items()}
@@ -868,6 +885,8 @@ def model_card(config, case_ids, n_slices, state, vae, unet, finished: bool = Tr
     timings, command = state["seconds"], " && ".join(state["commands"])
     seconds = sum(timings.values())
     vae_params = sum(p.numel() for p in vae.parameters()) / 1e6
+    branch = unet.controlnet if isinstance(unet, ControlledUNet) else None
+    unet = unet.unet if branch is not None else unet
     unet_params = sum(p.numel() for p in unet.parameters()) / 1e6
     cells = config.shape[0] // config.latent_downsample
     crops = (f"; from step {state.get('crops_from_step') or 0}, {config.crop_fraction:.0%} of batches random latent "
@@ -881,10 +900,16 @@ def model_card(config, case_ids, n_slices, state, vae, unet, finished: bool = Tr
               f"a {config.organ_channel_dropout:.0%} chance, as the kit's localisation may miss one."
               if config.organ_conditioning else "")
     offsets = ", ".join(f"{o:+d}" for o in config.denoiser_context)
-    context = (f" And the known latents of the slices at offsets {offsets} with their unknown masks "
+    context = (f"the known latents of the slices at offsets {offsets} with their unknown masks "
                f"({len(config.denoiser_context) * (config.latent_channels + 1)} channels: through-plane context for "
                "inpainting); in training the neighbours get random lesion-shaped holes, "
                f"{config.context_dropout:.0%} of samples see no neighbour." if config.denoiser_context else "")
+    if branch is not None:
+        context = (f" `controlnet/` ControlNetModel, a copy of the UNet's encoder with zero-initialised outputs into "
+                   f"it, {sum(p.numel() for p in branch.parameters()) / 1e6:.2f} M parameters, reads {context} Only "
+                   "the branch was trained; the UNet is the source's, unchanged.")
+    elif context:
+        context = f" And {context}"
     source = state.get("init_from")
     start = (f"Started from `{source['model']}` (vae sha256 {source['vae'][:12]}..., unet {source['unet'][:12]}...): "
              "its VAE kept as it is, its UNet's weights as the start, new input channels at zero. " if source else "")
